@@ -1,0 +1,270 @@
+"""Multi-scale deformable attention (Deformable-DETR / DINO).
+
+One file per op: the pure-PyTorch reference, the compiled op with its autograd and fake
+(meta) registrations, and the DINO module built on it.
+
+Shapes (B batch, S = sum of H_l * W_l keys, H heads, Dh channels per head, Q queries,
+L levels, P points per level)::
+
+    value               [B, S, H, Dh]
+    spatial_shapes      [L, 2] int64   (H_l, W_l)
+    level_start_index   [L] int64
+    sampling_locations  [B, Q, H, L, P, 2]   (x, y) in [0, 1]
+    attention_weights   [B, Q, H, L, P]
+    output              [B, Q, H * Dh]
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cqdino import _ext
+
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MultiScaleDeformableAttention"]
+
+
+def ms_deform_attn_reference(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Pure-PyTorch multi-scale deformable attention (per-level ``grid_sample``).
+
+    Computes in the value's dtype (locations and weights are cast to it). Materialises a
+    ``[B*H, Dh, Q, L*P]`` tensor, so it is memory-hungry at encoder sizes.
+    """
+    B, S, H, Dh = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    levels = value.split([h * w for h, w in shapes], dim=1)
+    grids = (2 * sampling_locations - 1).to(value.dtype)
+    samples = []
+    for lvl, (h, w) in enumerate(shapes):
+        # (B, h*w, H, Dh) -> (B*H, Dh, h, w)
+        v = levels[lvl].flatten(2).transpose(1, 2).reshape(B * H, Dh, h, w)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*H, Q, P, 2)
+        samples.append(
+            F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )  # (B*H, Dh, Q, P)
+    attn = attention_weights.to(value.dtype).transpose(1, 2).reshape(B * H, 1, Q, L * P)
+    out = (torch.stack(samples, dim=-2).flatten(-2) * attn).sum(-1)  # (B*H, Dh, Q)
+    return out.view(B, H * Dh, Q).transpose(1, 2).contiguous()
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention through ``torch.ops.cqdino.ms_deform_attn_forward``.
+
+    Differentiable w.r.t. ``value``, ``sampling_locations`` and ``attention_weights``.
+    Inputs need not be contiguous. The level tables may live on the CPU (then they are
+    validated on every call) or on the value's device. The backward is deterministic on the
+    CPU; on CUDA it is deterministic when ``torch.use_deterministic_algorithms(True)`` is set.
+    Falls back to :func:`ms_deform_attn_reference`, with a one-time warning, when the compiled
+    extension is unavailable.
+    """
+    if not _ext.use_ext("ms_deform_attn", value.device.type):
+        return ms_deform_attn_reference(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    return torch.ops.cqdino.ms_deform_attn_forward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+
+
+if _ext.has_ext():
+
+    @torch.library.register_fake("cqdino::ms_deform_attn_forward")
+    def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, weights):
+        B, _, H, Dh = value.shape
+        return value.new_empty((B, sampling_locations.shape[1], H * Dh))
+
+    @torch.library.register_fake("cqdino::ms_deform_attn_backward")
+    def _backward_fake(
+        grad, value, shapes, starts, sampling_locations, weights, deterministic=False
+    ):
+        return (
+            torch.empty_like(value),
+            torch.empty_like(sampling_locations),
+            torch.empty_like(weights),
+        )
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _backward(ctx, grad_output):
+        value, shapes, starts, locations, weights = ctx.saved_tensors
+        grad_value, grad_loc, grad_attn = torch.ops.cqdino.ms_deform_attn_backward(
+            grad_output.contiguous(),
+            value,
+            shapes,
+            starts,
+            locations,
+            weights,
+            torch.are_deterministic_algorithms_enabled(),
+        )
+        return grad_value, None, None, grad_loc, grad_attn
+
+    torch.library.register_autograd(
+        "cqdino::ms_deform_attn_forward", _backward, setup_context=_setup_context
+    )
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """The deformable attention module of Deformable-DETR / DINO (detrex's signature).
+
+    Each query predicts ``num_points`` sampling offsets per head and level around its reference
+    point, and softmax-normalised weights over the ``num_levels * num_points`` samples.
+    Offsets, locations and the softmax are computed in fp32, also under autocast; only the
+    value projection may run in half precision.
+
+    Args:
+        embed_dim: channels of query and value.
+        num_heads: attention heads; ``embed_dim`` must divide by it.
+        num_levels: feature levels.
+        num_points: sampling points per head and level.
+        dropout: dropout on the output before the residual.
+        batch_first: ``query``/``value`` are ``[B, N, C]`` when True, ``[N, B, C]`` otherwise.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        dropout: float = 0.0,
+        batch_first: bool = True,
+    ):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.batch_first = batch_first
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.sampling_offsets.weight)
+        # Initial offsets point in 8 directions (one per head), growing with the point index.
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (
+            2.0 * math.pi / self.num_heads
+        )
+        grid = torch.stack([angles.cos(), angles.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1)
+        grid *= torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
+        identity: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        reference_points: Optional[Tensor] = None,
+        spatial_shapes: Optional[Tensor] = None,
+        level_start_index: Optional[Tensor] = None,
+        **kwargs,
+    ) -> Tensor:
+        """
+        Args:
+            query: ``[B, Q, C]`` (``[Q, B, C]`` when not batch_first).
+            key: unused (kept for detrex compatibility).
+            value: ``[B, S, C]`` flattened multi-scale features; defaults to ``query``.
+            identity: residual added to the output; defaults to ``query``.
+            query_pos: positional embedding added to ``query`` before predicting offsets.
+            key_padding_mask: ``[B, S]`` bool, True at padded positions (their value is zeroed).
+            reference_points: ``[B, Q, L, 2]`` normalised points or ``[B, Q, L, 4]`` boxes
+                (cx, cy, w, h); offsets are scaled by the level size or by half the box size.
+            spatial_shapes: ``[L, 2]`` int64 (H_l, W_l).
+            level_start_index: ``[L]`` int64.
+
+        Returns:
+            ``identity + dropout(output_proj(attention))``, shaped like ``query``.
+        """
+        if value is None:
+            value = query
+        if identity is None:
+            identity = query
+        if query_pos is not None:
+            query = query + query_pos
+        if not self.batch_first:
+            query, value, identity = (t.transpose(0, 1) for t in (query, value, identity))
+        if reference_points is None or spatial_shapes is None or level_start_index is None:
+            raise ValueError(
+                "MultiScaleDeformableAttention needs reference_points, spatial_shapes and "
+                "level_start_index"
+            )
+        B, Q, _ = query.shape
+        S = value.shape[1]
+        H, L, P = self.num_heads, self.num_levels, self.num_points
+        if spatial_shapes.shape != (L, 2):
+            raise ValueError(
+                f"spatial_shapes must be [{L}, 2] for num_levels={L}, "
+                f"got {tuple(spatial_shapes.shape)}"
+            )
+
+        value = self.value_proj(value)
+        if key_padding_mask is not None:
+            value = value.masked_fill(key_padding_mask[..., None], 0.0)
+        value = value.view(B, S, H, self.embed_dim // H)
+
+        # Offsets, locations and softmax in fp32 even under autocast.
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            q32 = query.float()
+            offsets = F.linear(
+                q32, self.sampling_offsets.weight.float(), self.sampling_offsets.bias.float()
+            ).view(B, Q, H, L, P, 2)
+            weights = F.linear(
+                q32, self.attention_weights.weight.float(), self.attention_weights.bias.float()
+            )
+            weights = weights.view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
+            ref = reference_points.float()
+            if ref.shape[-1] == 2:
+                normalizer = spatial_shapes.to(device=ref.device, dtype=torch.float32).flip(-1)
+                locations = (
+                    ref[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+                )
+            elif ref.shape[-1] == 4:
+                locations = (
+                    ref[:, :, None, :, None, :2] + offsets / P * ref[:, :, None, :, None, 2:] * 0.5
+                )
+            else:
+                raise ValueError(
+                    "reference_points must be [B, Q, L, 2] or [B, Q, L, 4], got "
+                    f"{tuple(reference_points.shape)}"
+                )
+        if value.dtype not in (torch.float16, torch.bfloat16):
+            locations, weights = locations.to(value.dtype), weights.to(value.dtype)
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        out = self.output_proj(out)
+        out = identity + self.dropout(out)
+        return out if self.batch_first else out.transpose(0, 1)
