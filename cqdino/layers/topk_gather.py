@@ -31,7 +31,8 @@ def _check_topk_inputs(scores: Tensor, embeddings: Tensor, k: int, force: Option
     if embeddings.dim() == 3:
         if embeddings.shape[:2] != (B, C):
             raise ValueError(
-                f"per-image embeddings must be [B, C, D] = [{B}, {C}, D], got {tuple(embeddings.shape)}"
+                f"per-image embeddings must be [B, C, D] = [{B}, {C}, D], "
+                f"got {tuple(embeddings.shape)}"
             )
     elif embeddings.dim() == 2:
         if embeddings.shape[0] != C:
@@ -49,7 +50,8 @@ def _check_topk_inputs(scores: Tensor, embeddings: Tensor, k: int, force: Option
     if force is not None:
         if force.shape != (B, C) or force.dtype != torch.bool:
             raise ValueError(
-                f"force must be a bool [B, C] = [{B}, {C}] mask, got {force.dtype} {tuple(force.shape)}"
+                f"force must be a bool [B, C] = [{B}, {C}] mask, "
+                f"got {force.dtype} {tuple(force.shape)}"
             )
         if force.device != scores.device:
             raise ValueError(f"force is on {force.device} but scores on {scores.device}")
