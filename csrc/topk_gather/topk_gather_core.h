@@ -51,20 +51,27 @@ CQDINO_HOST_DEVICE CQDINO_INLINE uint64_t double_bits(double x) {
 }
 
 // Order-preserving unsigned image of a float: a < b  <=>  ordered(a) < ordered(b); NaN -> 0.
+// Written without data-dependent branches: signs are random, and a mispredicted branch per
+// score would dominate the CPU select.
 CQDINO_HOST_DEVICE CQDINO_INLINE uint32_t ordered_bits(float x) {
-  uint32_t u = float_bits(x);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0u;  // NaN (any sign, any payload)
-  if ((u & 0x7FFFFFFFu) == 0u) u = 0u;             // -0.0 -> +0.0
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  const uint32_t u = float_bits(x);
+  const uint32_t magnitude = u & 0x7FFFFFFFu;
+  const uint32_t negative = 0u - (u >> 31);                           // all ones if the sign is set
+  const uint32_t flipped = u ^ (negative | 0x80000000u);              // negative: ~u, else u | sign
+  const uint32_t keep = 0u - static_cast<uint32_t>(magnitude != 0u);  // -0.0 and +0.0 tie
+  const uint32_t is_num = 0u - static_cast<uint32_t>(magnitude <= 0x7F800000u);  // NaN -> 0
+  return ((flipped & keep) | (0x80000000u & ~keep)) & is_num;
 }
 
 CQDINO_HOST_DEVICE CQDINO_INLINE uint64_t ordered_bits(double x) {
-  uint64_t u = double_bits(x);
+  const uint64_t u = double_bits(x);
   const uint64_t sign = 0x8000000000000000ull;
   const uint64_t magnitude = u & ~sign;
-  if (magnitude > 0x7FF0000000000000ull) return 0ull;  // NaN
-  if (magnitude == 0ull) u = 0ull;
-  return (u & sign) ? ~u : (u | sign);
+  const uint64_t negative = 0ull - (u >> 63);
+  const uint64_t flipped = u ^ (negative | sign);
+  const uint64_t keep = 0ull - static_cast<uint64_t>(magnitude != 0ull);
+  const uint64_t is_num = 0ull - static_cast<uint64_t>(magnitude <= 0x7FF0000000000000ull);
+  return ((flipped & keep) | (sign & ~keep)) & is_num;
 }
 
 // ---------------------------------------------------------------- 64-bit key (float scores)

@@ -14,24 +14,63 @@
 namespace cqdino {
 namespace {
 
+// Scratch buffers reused across calls by each thread.
+template <typename key_t>
+struct RowBuffers {
+  std::vector<key_t> keys, work, selected;
+};
+
+template <typename key_t>
+RowBuffers<key_t>& row_buffers() {
+  thread_local RowBuffers<key_t> buffers;
+  return buffers;
+}
+
 // Writes the k selected category ids of one image, in output order, to out_idx.
+//
+// Radix select with the steps of topk_gather_core.h: at each digit, the keys whose digit is
+// above the bucket holding the wanted rank are certainly selected, the keys in that bucket stay
+// candidates, the rest are dropped. The first digit's histogram is taken while the keys are
+// built, so a row is read twice in all; later digits only see the (few) remaining candidates.
 template <typename scalar_t>
 void select_row(const scalar_t* scores, const bool* force, int64_t C, int64_t k, int64_t* out_idx) {
   using acc_t = at::opmath_type<scalar_t>;
   using key_t = decltype(topk::make_key(acc_t(0), false, 0));
-  std::vector<key_t> keys(C);
-  for (int64_t i = 0; i < C; ++i) {
-    keys[i] = topk::make_key(static_cast<acc_t>(scores[i]), force != nullptr && force[i], i);
+  RowBuffers<key_t>& buf = row_buffers<key_t>();
+  buf.keys.resize(C);
+  buf.selected.clear();
+  buf.selected.reserve(k);
+  // Four interleaved histograms: scores cluster in a few top-digit buckets, and a single
+  // histogram would serialise on read-modify-writes of the same counter.
+  int32_t hist4[4][topk::kRadixSize] = {{0}};
+  key_t* keys = buf.keys.data();
+  int64_t i = 0;
+  for (; i + 4 <= C; i += 4) {
+    for (int u = 0; u < 4; ++u) {
+      const key_t key = topk::make_key(static_cast<acc_t>(scores[i + u]),
+                                       force != nullptr && force[i + u], i + u);
+      keys[i + u] = key;
+      ++hist4[u][topk::key_digit(key, 0)];
+    }
   }
-  // Radix select of the k-th largest key; `work` holds the keys matching the prefix so far.
-  std::vector<key_t> work(keys);
-  key_t prefix;
-  topk::key_zero(&prefix);
+  for (; i < C; ++i) {
+    const key_t key =
+        topk::make_key(static_cast<acc_t>(scores[i]), force != nullptr && force[i], i);
+    keys[i] = key;
+    ++hist4[0][topk::key_digit(key, 0)];
+  }
+  int64_t hist[topk::kRadixSize];
+  for (int b = 0; b < topk::kRadixSize; ++b) {
+    hist[b] = int64_t(hist4[0][b]) + hist4[1][b] + hist4[2][b] + hist4[3][b];
+  }
+  const std::vector<key_t>* source = &buf.keys;
   int64_t rank = k;
-  const int digits = topk::num_digits(prefix);
-  for (int d = 0; d < digits && work.size() > 1; ++d) {
-    int64_t hist[topk::kRadixSize] = {0};
-    for (const key_t& key : work) ++hist[topk::key_digit(key, d)];
+  const int digits = topk::num_digits(buf.keys[0]);
+  for (int d = 0; d < digits; ++d) {
+    if (d > 0) {
+      std::fill(hist, hist + topk::kRadixSize, int64_t(0));
+      for (const key_t& key : *source) ++hist[topk::key_digit(key, d)];
+    }
     int64_t above = 0;
     uint32_t chosen = 0;
     for (int b = topk::kRadixSize - 1; b >= 0; --b) {
@@ -42,25 +81,30 @@ void select_row(const scalar_t* scores, const bool* force, int64_t C, int64_t k,
       above += hist[b];
     }
     rank -= above;
-    prefix = topk::key_with_digit(prefix, d, chosen);
+    // Partition: above the bucket -> selected; in the bucket -> candidates (in place when the
+    // source already is the candidate list, which only shrinks).
     size_t kept = 0;
-    for (const key_t& key : work) {
-      if (topk::key_digit(key, d) == chosen) work[kept++] = key;
+    std::vector<key_t>& work = buf.work;
+    if (source == &buf.keys) work.resize(hist[chosen]);
+    for (const key_t& key : *source) {
+      const uint32_t digit = topk::key_digit(key, d);
+      if (digit > chosen) {
+        buf.selected.push_back(key);
+      } else if (digit == chosen) {
+        work[kept++] = key;
+      }
     }
     work.resize(kept);
+    source = &work;
+    if (kept == 1) break;
   }
-  TORCH_INTERNAL_ASSERT(work.size() == 1 && rank == 1, "topk_category_gather: radix select lost ",
-                        "its target (", work.size(), " candidates, rank ", rank, ")");
-  const key_t threshold = work[0];
-  std::vector<key_t> selected;
-  selected.reserve(k);
-  for (const key_t& key : keys) {
-    if (!topk::key_greater(threshold, key)) selected.push_back(key);
-  }
-  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(selected.size()) == k);
-  std::sort(selected.begin(), selected.end(),
+  TORCH_INTERNAL_ASSERT(
+      source->size() == 1 && rank == 1 && static_cast<int64_t>(buf.selected.size()) == k - 1,
+      "topk_category_gather: radix select lost its target");
+  buf.selected.push_back((*source)[0]);
+  std::sort(buf.selected.begin(), buf.selected.end(),
             [](const key_t& a, const key_t& b) { return topk::output_before(a, b); });
-  for (int64_t j = 0; j < k; ++j) out_idx[j] = topk::key_index(selected[j]);
+  for (int64_t j = 0; j < k; ++j) out_idx[j] = topk::key_index(buf.selected[j]);
 }
 
 }  // namespace

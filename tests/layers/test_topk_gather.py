@@ -4,6 +4,7 @@ gradcheck, forced categories, determinism, bad inputs, CUDA mirrors and the no-h
 guarantee."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -258,6 +259,21 @@ def test_opcheck():
         (scores, torch.randn(20, 6), 5, force),
         test_utils=OPCHECK_UTILS,
     )
+
+
+def test_fallback_warns_once_and_uses_reference(monkeypatch):
+    scores, emb = _tied_scores(2, 30), torch.randn(30, 4)
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "IMPORT_ERROR", ImportError("simulated"))
+    monkeypatch.setattr(_ext, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out1 = topk_category_gather(scores, emb, 7)
+        out2 = topk_category_gather(scores, emb, 7)
+    assert sum("pure-PyTorch reference" in str(w.message) for w in caught) == 1
+    ref = topk_category_gather_reference(scores, emb, 7)
+    for out in (out1, out2):
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
 # ---------------------------------------------------------------- bad inputs
