@@ -91,10 +91,16 @@ class TreeAggregation(nn.Module):
         w = 0.4 + 0.4 * log(2 + n_desc) / log(2 + C)
 
     where the children are the nearest category descendants and ``n_desc`` is the number of
-    distinct category descendants. All parents of one height are updated at once (one
-    ``index_add`` / ``index_copy`` per height level), so the cost is a few tensor ops per level,
-    not a Python loop per node. The DAG is stored as non-persistent buffers (it is rebuilt from
-    the hierarchy, so checkpoints do not depend on it).
+    distinct category descendants.
+
+    The recursion is linear in the input, so by default it is folded once, height level by
+    height level, into a sparse ``[C, C]`` operator ``M`` (row ``p`` holds ``p`` and its
+    descendants; ``nnz = C + sum(n_desc)``) and the forward is one sparse-dense product
+    ``M @ x`` (backward ``M^T @ grad``). When ``nnz`` exceeds ``max_operator_nnz`` (very deep
+    hierarchies) it runs the recursion itself: one ``index_add``/``index_copy`` per height level
+    over all parents of that level (never a Python loop per node). Both paths are exact up to
+    float rounding. The DAG lives in non-persistent buffers: it is rebuilt from the hierarchy, so
+    checkpoints do not depend on it.
     """
 
     def __init__(
@@ -102,15 +108,18 @@ class TreeAggregation(nn.Module):
         children: Union[Sequence[Sequence[int]], Any],
         num_descendants: Optional[Sequence[int]] = None,
         num_categories: Optional[int] = None,
+        max_operator_nnz: int = 4_000_000,
     ):
         """
         Args:
             children: per category index ``0..C-1`` the list of its nearest category
                 descendants; or an object with attributes ``children`` (and optionally
                 ``num_descendants``), e.g. ``CategoryTree.category_dag()``.
-            num_descendants: per category the number of distinct category descendants;
-                computed from ``children`` when omitted.
+            num_descendants: per category the number of distinct category descendants (used in
+                ``w``); computed from ``children`` when omitted.
             num_categories: C, checked against ``len(children)`` (default ``len(children)``).
+            max_operator_nnz: largest sparse operator to precompute; above it (or with 0) the
+                level-by-level recursion is used.
         """
         super().__init__()
         if hasattr(children, "children"):
@@ -129,12 +138,21 @@ class TreeAggregation(nn.Module):
                 if c == p:
                     raise ValueError(f"category {p} lists itself as a child")
         height = _heights(children)
+        counted = _count_descendants(children, height)
         if num_descendants is None:
-            num_descendants = _count_descendants(children, height)
+            num_descendants = counted
         if len(num_descendants) != C:
             raise ValueError(f"num_descendants has {len(num_descendants)} entries, expected {C}")
+        if list(num_descendants) != counted:
+            bad = next(i for i in range(C) if num_descendants[i] != counted[i])
+            logger.warning(
+                "TreeAggregation: given num_descendants differ from the child lists "
+                f"(category {bad}: given {num_descendants[bad]}, reachable {counted[bad]}); "
+                "using the given counts in w"
+            )
         self.num_categories = C
         w = _tree_weights(num_descendants, C)
+        self.register_buffer("weight", w.float(), persistent=False)
 
         # Per height level h >= 1: the parents of that height and their (parent, child) edges,
         # concatenated over levels; `level_*_offsets` delimit the levels.
@@ -155,33 +173,74 @@ class TreeAggregation(nn.Module):
         self.level_parent_offsets = p_off
         self.level_edge_offsets = e_off
         self.num_levels = num_levels
+        self.use_operator = C + sum(counted) <= max_operator_nnz
         as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        self.register_buffer("parents", as_long(parents), persistent=False)
-        self.register_buffer("edge_parent", as_long(edge_parent), persistent=False)
-        self.register_buffer("edge_child", as_long(edge_child), persistent=False)
-        self.register_buffer(
-            "parent_inv_count", torch.tensor(inv_count, dtype=torch.float32), persistent=False
-        )
-        self.register_buffer("parent_weight", w[parents].float(), persistent=False)
-        self.register_buffer("weight", w.float(), persistent=False)
+        if self.use_operator:
+            rows, cols, vals = self._fold(children, by_height, w.tolist())
+            self.register_buffer("op_indices", as_long([rows, cols]), persistent=False)
+            self.register_buffer(
+                "op_values", torch.tensor(vals, dtype=torch.float64), persistent=False
+            )
+        else:
+            self.register_buffer("parents", as_long(parents), persistent=False)
+            self.register_buffer("edge_parent", as_long(edge_parent), persistent=False)
+            self.register_buffer("edge_child", as_long(edge_child), persistent=False)
+            self.register_buffer(
+                "parent_inv_count", torch.tensor(inv_count, dtype=torch.float64), persistent=False
+            )
+            self.register_buffer("parent_weight", w[parents], persistent=False)
+
+    @staticmethod
+    def _fold(children, by_height, w):
+        """Rows of the aggregation operator, level by level (float64, COO, row-sorted)."""
+        rows: List[dict] = [None] * len(children)  # type: ignore[list-item]
+        for level in by_height:
+            for p in level:
+                r = {p: 1.0}
+                if children[p]:
+                    r[p] = 1.0 - w[p]
+                    s = w[p] / len(children[p])
+                    for c in children[p]:  # children are final: they have a lower height
+                        for j, v in rows[c].items():
+                            r[j] = r.get(j, 0.0) + s * v
+                rows[p] = r
+        ri, ci, vals = [], [], []
+        for p, r in enumerate(rows):
+            for j in sorted(r):
+                ri.append(p)
+                ci.append(j)
+                vals.append(r[j])
+        return ri, ci, vals
 
     @classmethod
-    def from_dag(cls, dag: Any) -> "TreeAggregation":
+    def from_dag(cls, dag: Any, **kwargs: Any) -> "TreeAggregation":
         """Build from an object with ``children`` and ``num_descendants`` attributes."""
-        return cls(dag.children, getattr(dag, "num_descendants", None), len(dag.children))
+        return cls(dag.children, getattr(dag, "num_descendants", None), len(dag.children), **kwargs)
 
     def extra_repr(self) -> str:
-        return (
-            f"num_categories={self.num_categories}, levels={self.num_levels}, "
-            f"parents={len(self.parents)}, edges={len(self.edge_child)}"
-        )
+        size = f"nnz={self.op_values.numel()}" if self.use_operator else "level-wise"
+        return f"num_categories={self.num_categories}, levels={self.num_levels}, {size}"
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., C, D]`` -> aggregated ``[..., C, D]`` (out of place, differentiable)."""
-        if x.shape[-2] != self.num_categories:
-            raise ValueError(
-                f"TreeAggregation built for C={self.num_categories} got {tuple(x.shape)}"
+        C = self.num_categories
+        if x.dim() < 2 or x.shape[-2] != C:
+            raise ValueError(f"TreeAggregation built for C={C} got {tuple(x.shape)}")
+        if self.use_operator:
+            # indices are built sorted and unique in __init__, so the per-call check is skipped
+            op = torch.sparse_coo_tensor(
+                self.op_indices,
+                self.op_values,
+                (C, C),
+                is_coalesced=True,
+                check_invariants=False,
             )
+            # half precision goes through float32 (sparse kernels, and sums of up to C rows)
+            dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+            op = op.to(dtype)
+            flat = x.movedim(-2, 0).reshape(C, -1).to(dtype)  # (C, prod(batch) * D)
+            y = torch.sparse.mm(op, flat).to(x.dtype)
+            return y.reshape((C,) + x.movedim(-2, 0).shape[1:]).movedim(0, -2)
         dim = x.dim() - 2
         for h in range(self.num_levels):
             p0, p1 = self.level_parent_offsets[h], self.level_parent_offsets[h + 1]
