@@ -1,11 +1,12 @@
-"""Timing of the CQ-DINO category modules on the CPU (or a given device).
+"""Timing of the CQ-DINO category modules on the CPU.
 
 Measures, in one run and on one machine:
 - TreeAggregation forward+backward at V3Det scale: sparse-operator path vs level-wise path;
 - CategorySelector forward (no grad) for a few chunk sizes.
 
 The hierarchy is synthetic: a random multi-parent DAG (every new node gets one or two parents
-among the earlier ones, seeded; depth grows like log C, as in WordNet-derived trees). Prints a table and writes JSON::
+among the earlier ones, seeded; depth grows like log C, as in WordNet-derived trees).
+Prints a table and writes JSON::
 
     python benchmarks/bench_category_modules.py --out output/bench_category_modules.json
 """
