@@ -239,7 +239,8 @@ class TreeAggregation(nn.Module):
             dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
             op = op.to(dtype)
             flat = x.movedim(-2, 0).reshape(C, -1).to(dtype)  # (C, prod(batch) * D)
-            y = torch.sparse.mm(op, flat).to(x.dtype)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                y = torch.sparse.mm(op, flat).to(x.dtype)
             return y.reshape((C,) + x.movedim(-2, 0).shape[1:]).movedim(0, -2)
         dim = x.dim() - 2
         for h in range(self.num_levels):

@@ -73,6 +73,9 @@ def test_tree_aggregation_accepts_dag_object_and_given_counts(max_nnz):
     assert agg.float()(xb.float()).dtype == torch.float32
     yh = agg(xb.half())
     assert yh.dtype == torch.float16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert agg.float()(xb.float()).dtype == torch.float32
+    agg = agg.double()
     torch.testing.assert_close(yh.double(), agg.double()(xb.half().double()), rtol=2e-3, atol=2e-3)
 
 
@@ -137,7 +140,9 @@ def test_tree_aggregation_matches_per_node_reference_on_lvis(shared_data, max_nn
         shared_data / "categories" / "lvis_v1_categories.json",
     )
     C = len(children)
-    assert C == 1203 and sum(1 for ch in children if ch) > 50  # a real hierarchy
+    assert C == 1203
+    # the data README: 421 categories have a category ancestor
+    assert len({c for ch in children for c in ch}) == 421
     torch.manual_seed(0)
     x = torch.randn(C, 8, dtype=torch.float64)
     xs = x.tolist()
