@@ -165,6 +165,21 @@ def test_tree_aggregation_matches_per_node_reference_on_lvis(shared_data, max_nn
     torch.testing.assert_close(got2, expected, rtol=1e-9, atol=1e-9)
 
 
+def test_tree_aggregation_paths_agree_at_v3det_scale():
+    # a random multi-parent DAG with C = 13,204 categories: operator path == level-wise path
+    g = torch.Generator().manual_seed(0)
+    C = 13204
+    children = [[] for _ in range(C)]
+    for i in range(1, C):
+        for p in torch.randint(0, i, (1 + int(torch.rand(1, generator=g) < 0.25),), generator=g):
+            children[int(p)].append(i)
+    x = torch.randn(C, 4, dtype=torch.float64, generator=g)
+    a = TreeAggregation(children).double()
+    b = TreeAggregation(children, max_operator_nnz=0).double()
+    assert a.use_operator and not b.use_operator and a.num_levels > 5
+    torch.testing.assert_close(a(x), b(x), rtol=1e-10, atol=1e-10)
+
+
 # ----------------------------------------------------------------------------- category queries
 def test_category_queries_random_init_and_relations():
     C, D = 6, 32
