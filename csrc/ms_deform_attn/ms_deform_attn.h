@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 
 namespace cqdino {
@@ -37,5 +38,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights, bool deterministic);
+
+// Test hook: which vector ISA the CPU kernels use. "" queries; "default" forces the portable
+// path; "auto" restores detection. Returns "avx2" or "default".
+std::string ms_deform_attn_cpu_isa(const std::string& request);
 
 }  // namespace cqdino
