@@ -118,7 +118,7 @@ MsdaSizes check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor&
 TORCH_LIBRARY_FRAGMENT(cqdino, m) {
   m.def(
       "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+      "Tensor sampling_locations, Tensor attention_weights, bool deterministic=False) -> Tensor");
   m.def(
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, "

@@ -388,7 +388,8 @@ std::string ms_deform_attn_cpu_isa(const std::string& request) {
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_locations,
-                                      const at::Tensor& attention_weights) {
+                                      const at::Tensor& attention_weights,
+                                      bool /*deterministic: the forward always is*/) {
   const MsdaSizes s = check_ms_deform_attn_inputs(value_in, spatial_shapes, level_start_index,
                                                   sampling_locations, attention_weights);
   const auto acc_type = ms_deform_attn_acc_type(value_in.scalar_type());
