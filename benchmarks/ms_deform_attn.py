@@ -184,16 +184,35 @@ def run_case(
 
         return call
 
+    # Backward alone: only the implementations with a callable backward op.
+    backward_ops = {}
+    if "naive" in impls:
+        backward_ops["naive"] = torch.ops.cqdino._ms_deform_attn_backward_naive
+    if "ours" in impls:
+        backward_ops["ours"] = lambda *a: torch.ops.cqdino.ms_deform_attn_backward(*a, False)
+
+    def backward_fn(bwd):
+        def call(r):
+            v, s, st, lo, a = sets[r % num_sets]
+            with torch.no_grad():
+                return bwd(grads[r % num_sets], v, s, st, lo, a)
+
+        return call
+
     rows = []
     Q = sets[0][3].shape[1]
     shape_str = f"B={spec['batch']} Q={Q} S={sets[0][0].shape[1]}"
-    for pass_name, wrap in (("fwd", forward_fn), ("fwd+bwd", train_fn)):
-        if pass_name not in passes:
+    for pass_name in passes:
+        if pass_name == "bwd":
+            fns = {name: backward_fn(bwd) for name, bwd in backward_ops.items()}
+        else:
+            wrap = forward_fn if pass_name == "fwd" else train_fn
+            fns = {name: wrap(fn) for name, fn in impls.items()}
+        if not fns:
             continue
-        fns = {name: wrap(fn) for name, fn in impls.items()}
         times = time_interleaved(fns, device, repeats=repeats, warmup=1)
-        ref_ms = median(times["reference"])
-        for name in impls:
+        ref_ms = median(times["reference"]) if "reference" in times else None
+        for name in fns:
             ms = median(times[name])
             mem = peak_memory_bytes(lambda: fns[name](0), device)
             rows.append(
@@ -205,7 +224,7 @@ def run_case(
                     **{"pass": pass_name},
                     impl=name,
                     ms=ms,
-                    speedup=ref_ms / ms,
+                    speedup=ref_ms / ms if ref_ms else None,
                     peak_mb=mem / 2**20,
                     times_ms=times[name],
                 )
@@ -223,7 +242,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--shapes", nargs="+", default=["decoder", "encoder"])
     parser.add_argument("--sampling", nargs="+", default=None, help="realistic and/or uniform")
     parser.add_argument("--dtypes", nargs="+", default=None, help="float32 float16 bfloat16 ...")
-    parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"])
+    parser.add_argument(
+        "--passes",
+        nargs="+",
+        default=None,
+        choices=["fwd", "fwd+bwd", "bwd"],
+        help="default: fwd fwd+bwd (CPU), fwd bwd fwd+bwd (CUDA; bwd = backward op alone)",
+    )
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -232,6 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     if args.dtypes is None:
         args.dtypes = ["float32"] if args.device == "cpu" else ["float32", "float16", "bfloat16"]
+    if args.passes is None:
+        args.passes = ["fwd", "fwd+bwd"] if args.device == "cpu" else ["fwd", "bwd", "fwd+bwd"]
     if args.sampling is None:
         args.sampling = ["realistic"] if args.quick else ["realistic", "uniform"]
     repeats = args.repeats or (

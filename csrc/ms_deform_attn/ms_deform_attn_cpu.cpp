@@ -172,7 +172,7 @@ CQDINO_ALWAYS_INLINE typename Vec32<T>::type vload(const T* p) {
   return v;
 }
 template <typename T>
-CQDINO_ALWAYS_INLINE void vstore(T* p, typename Vec32<T>::type v) {
+CQDINO_ALWAYS_INLINE void vstore(T* p, const typename Vec32<T>::type& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 template <int kDh, typename acc_t>

@@ -242,6 +242,7 @@ constexpr int kFwdChunk = 16;
 constexpr int kBwdThreads = 512;
 constexpr int kBwdChunk = 8;
 constexpr int kDefaultStageKB = 48;
+constexpr size_t kSampleSmemBytes = 32 * 1024;  // shared sample data per block, at most
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -265,11 +266,12 @@ __device__ __forceinline__ void global_add(acc_t* p, acc_t a, const acc_t (&g)[V
       atomicAdd(reinterpret_cast<float4*>(p + i),
                 make_float4(a * g[i], a * g[i + 1], a * g[i + 2], a * g[i + 3]));
     }
-    return;
-  }
+  } else
 #endif
+  {
 #pragma unroll
-  for (int i = 0; i < V; ++i) atomicAdd(p + i, a * g[i]);
+    for (int i = 0; i < V; ++i) atomicAdd(p + i, a * g[i]);
+  }
 }
 
 __device__ __forceinline__ unsigned long long to_fixed(double x, double scale) {
@@ -559,13 +561,17 @@ void launch_fast_forward(const at::Tensor& value, const at::Tensor& shapes,
                          const at::Tensor& starts, const at::Tensor& loc, const at::Tensor& attn,
                          at::Tensor& out, const MsdaSizes& s, cudaStream_t stream) {
   const int G = static_cast<int>(s.head_dim) / V;
-  const int ipb = kFwdThreads / G;
+  // items per block: a full block, but at most 32 KB of shared sample data
+  const int ipb_smem =
+      static_cast<int>(kSampleSmemBytes / (kFwdChunk * 4 * (sizeof(index_t) + sizeof(acc_t))));
+  const int ipb = std::min(kFwdThreads / G, ipb_smem);
+  const int threads = ipb * G;
   const int64_t n_items = s.batch * s.num_queries * s.num_heads;
   const int64_t blocks = (n_items + ipb - 1) / ipb;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "ms_deform_attn: too many queries");
   const size_t smem = size_t(ipb) * kFwdChunk * 4 * (sizeof(index_t) + sizeof(acc_t));
   fast_forward_kernel<scalar_t, acc_t, index_t, V>
-      <<<static_cast<unsigned>(blocks), kFwdThreads, smem, stream>>>(
+      <<<static_cast<unsigned>(blocks), threads, smem, stream>>>(
           value.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
           starts.const_data_ptr<int64_t>(), loc.const_data_ptr<acc_t>(),
           attn.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), make_dims<index_t>(s));
@@ -578,14 +584,28 @@ void launch_fast_backward(const at::Tensor& grad_out, const at::Tensor& value,
                           const at::Tensor& attn, at::Tensor& grad_value,
                           at::Tensor& grad_value_fixed, const at::Tensor& fixed_scale,
                           at::Tensor& grad_loc, at::Tensor& grad_attn, const MsdaSizes& s,
-                          cudaStream_t stream) {
+                          const at::Tensor& shapes_cpu, cudaStream_t stream) {
   const int G = static_cast<int>(s.head_dim) / V;
-  const int ipb = kBwdThreads / G;
+  const int ipb_smem =
+      static_cast<int>(kSampleSmemBytes / (kBwdChunk * sizeof(BwdSample<acc_t, index_t>)));
+  const int ipb = std::min(kBwdThreads / G, ipb_smem);
+  const int threads = ipb * G;
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   const size_t sample_bytes = sizeof(BwdSample<acc_t, index_t>) * ipb * kBwdChunk;
   const size_t static_bytes = sizeof(LevelTables<index_t>) + sizeof(int) * (kMaxLevels + 2);
   const size_t optin = prop->sharedMemPerBlockOptin;
   size_t stage_bytes = kDet ? 0 : size_t(stage_budget_bytes());
+  if (shapes_cpu.defined()) {
+    // Level sizes known without a device sync: reserve exactly the levels that will be staged.
+    const int64_t* sh = shapes_cpu.const_data_ptr<int64_t>();
+    size_t used = 0;
+    for (int64_t l = s.num_levels - 1; l >= 0; --l) {
+      const size_t need = size_t(sh[2 * l]) * sh[2 * l + 1] * s.head_dim * sizeof(acc_t);
+      if (used + need > stage_bytes) break;
+      used += need;
+    }
+    stage_bytes = used;
+  }
   const size_t per_bh = size_t(s.num_keys) * s.head_dim * sizeof(acc_t);  // all levels
   stage_bytes = std::min(stage_bytes, per_bh);
   if (sample_bytes + static_bytes + stage_bytes > optin) {
@@ -610,7 +630,7 @@ void launch_fast_backward(const at::Tensor& grad_out, const at::Tensor& value,
   TORCH_CHECK(bh <= 65535, "ms_deform_attn_backward: batch * heads = ", bh,
               " exceeds the CUDA grid limit 65535");
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(bh));
-  kernel<<<grid, kBwdThreads, smem, stream>>>(
+  kernel<<<grid, threads, smem, stream>>>(
       grad_out.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
       shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
       loc.const_data_ptr<acc_t>(), attn.const_data_ptr<acc_t>(),
@@ -707,6 +727,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const auto attn = attention_weights.to(acc_type).contiguous();
   const auto shapes = spatial_shapes.to(value.device()).contiguous();
   const auto starts = level_start_index.to(value.device()).contiguous();
+  const at::Tensor shapes_cpu =
+      spatial_shapes.device().is_cpu() ? spatial_shapes.contiguous() : at::Tensor();
   // Every sample's grad_loc / grad_attn is written (zeros for samples off the map).
   auto grad_loc = at::empty(loc.sizes(), loc.options());
   auto grad_attn = at::empty(attn.sizes(), attn.options());
@@ -732,11 +754,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
           if (deterministic) {
             launch_fast_backward<scalar_t, acc_t, index_t, V, true>(
                 grad_out, value, shapes, starts, loc, attn, grad_value, grad_value_fixed,
-                fixed_scale, grad_loc, grad_attn, s, stream);
+                fixed_scale, grad_loc, grad_attn, s, shapes_cpu, stream);
           } else {
             launch_fast_backward<scalar_t, acc_t, index_t, V, false>(
                 grad_out, value, shapes, starts, loc, attn, grad_value, grad_value_fixed,
-                fixed_scale, grad_loc, grad_attn, s, stream);
+                fixed_scale, grad_loc, grad_attn, s, shapes_cpu, stream);
           }
         });
       });
