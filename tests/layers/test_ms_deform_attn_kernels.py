@@ -80,6 +80,24 @@ def test_cpu_dtypes_against_float64(dtype, head_dim, cpu_isa):
     _check_against_fp64(dtype, "cpu", head_dim)
 
 
+def _overflow_case(device):
+    # Three samples of the same pixel, weights 1, 1, -1, value 60000: the exact output 60000 is
+    # representable in fp16, but a partial sum (120000) is not.
+    shapes = torch.tensor([[1, 1]], device=device)
+    starts = torch.tensor([0], device=device)
+    value = torch.full((1, 1, 1, 8), 60000.0, device=device, dtype=torch.float16)
+    loc = torch.full((1, 1, 1, 1, 3, 2), 0.5, device=device)
+    attn = torch.tensor([1.0, 1.0, -1.0], device=device).view(1, 1, 1, 1, 3)
+    return value, shapes, starts, loc, attn
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fp16_accumulates_in_fp32(device):
+    out = ms_deform_attn(*_overflow_case(device))
+    assert out.dtype == torch.float16
+    assert torch.equal(out.float().cpu(), torch.full((1, 1, 8), 60000.0))
+
+
 def test_cpu_isa_hook():
     assert op._ms_deform_attn_cpu_isa("default") == "default"
     assert op._ms_deform_attn_cpu_isa("") == "default"
