@@ -115,6 +115,8 @@ setup(
     packages=find_packages(exclude=("tests", "tests.*", "configs", "projects", "benchmarks")),
     python_requires=">=3.10",
     ext_modules=get_extensions(),
+    # Benchmark-only peer kernel (never imported by the library): pip install -e .[bench]
+    extras_require={"bench": ["torch-ms-deform-attn==0.1.1"]},
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
 )

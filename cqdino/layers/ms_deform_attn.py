@@ -62,13 +62,21 @@ def ms_deform_attn(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    deterministic: bool = False,
 ) -> Tensor:
     """Multi-scale deformable attention through ``torch.ops.cqdino.ms_deform_attn_forward``.
 
     Differentiable w.r.t. ``value``, ``sampling_locations`` and ``attention_weights``.
     Inputs need not be contiguous. The level tables may live on the CPU (then they are
-    validated on every call) or on the value's device. The backward is deterministic on the
-    CPU; on CUDA it is deterministic when ``torch.use_deterministic_algorithms(True)`` is set.
+    validated on every call) or on the value's device.
+
+    dtypes: value fp64/fp32/fp16/bf16; locations and weights in the value's dtype, or fp32 for
+    half values; accumulation in fp32 (fp64 for fp64). The output has the value's dtype.
+
+    Determinism: the CPU backward is always bitwise deterministic. The CUDA backward is
+    deterministic (value gradients accumulated in 64-bit fixed point) when ``deterministic``
+    is True or ``torch.use_deterministic_algorithms(True)`` is in effect at backward time.
+
     Falls back to :func:`ms_deform_attn_reference`, with a one-time warning, when the compiled
     extension is unavailable.
     """
@@ -77,16 +85,36 @@ def ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
     return torch.ops.cqdino.ms_deform_attn_forward(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        bool(deterministic),
     )
 
 
 if _ext.has_ext():
 
     @torch.library.register_fake("cqdino::ms_deform_attn_forward")
-    def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, weights):
+    def _forward_fake(
+        value, spatial_shapes, level_start_index, sampling_locations, weights, deterministic=False
+    ):
         B, _, H, Dh = value.shape
         return value.new_empty((B, sampling_locations.shape[1], H * Dh))
+
+    @torch.library.register_fake("cqdino::_ms_deform_attn_forward_naive")
+    def _forward_naive_fake(value, spatial_shapes, level_start_index, sampling_locations, weights):
+        B, _, H, Dh = value.shape
+        return value.new_empty((B, sampling_locations.shape[1], H * Dh))
+
+    @torch.library.register_fake("cqdino::_ms_deform_attn_backward_naive")
+    def _backward_naive_fake(grad, value, shapes, starts, sampling_locations, weights):
+        return (
+            torch.empty_like(value),
+            torch.empty_like(sampling_locations),
+            torch.empty_like(weights),
+        )
 
     @torch.library.register_fake("cqdino::ms_deform_attn_backward")
     def _backward_fake(
@@ -99,7 +127,8 @@ if _ext.has_ext():
         )
 
     def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs[:5])
+        ctx.deterministic = bool(inputs[5]) if len(inputs) > 5 else False
 
     def _backward(ctx, grad_output):
         value, shapes, starts, locations, weights = ctx.saved_tensors
@@ -110,9 +139,9 @@ if _ext.has_ext():
             starts,
             locations,
             weights,
-            torch.are_deterministic_algorithms_enabled(),
+            ctx.deterministic or torch.are_deterministic_algorithms_enabled(),
         )
-        return grad_value, None, None, grad_loc, grad_attn
+        return grad_value, None, None, grad_loc, grad_attn, None
 
     torch.library.register_autograd(
         "cqdino::ms_deform_attn_forward", _backward, setup_context=_setup_context

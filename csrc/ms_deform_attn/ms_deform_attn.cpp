@@ -118,7 +118,7 @@ MsdaSizes check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor&
 TORCH_LIBRARY_FRAGMENT(cqdino, m) {
   m.def(
       "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+      "Tensor sampling_locations, Tensor attention_weights, bool deterministic=False) -> Tensor");
   m.def(
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, "
@@ -129,6 +129,18 @@ TORCH_LIBRARY_FRAGMENT(cqdino, m) {
       [](int64_t b, int64_t s, int64_t h, int64_t d, int64_t q, int64_t l, int64_t p) {
         return cqdino::msda::needs_64bit_index(b, s, h, d, q, l, p);
       });
+  m.def("_ms_deform_attn_cpu_isa(str request=\"\") -> str", [](c10::string_view request) {
+    return cqdino::ms_deform_attn_cpu_isa(std::string(request));
+  });
+  // The 2020 design (one thread per (b, q, h, channel), per-channel atomics): CUDA only, kept as
+  // the benchmark baseline.
+  m.def(
+      "_ms_deform_attn_forward_naive(Tensor value, Tensor spatial_shapes, "
+      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+  m.def(
+      "_ms_deform_attn_backward_naive(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cqdino, CPU, m) {

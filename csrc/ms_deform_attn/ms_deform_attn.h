@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 
 namespace cqdino {
@@ -28,14 +29,20 @@ MsdaSizes check_ms_deform_attn_inputs(const at::Tensor& value, const at::Tensor&
 // dtype in which locations and weights are read and values are accumulated.
 at::ScalarType ms_deform_attn_acc_type(at::ScalarType value_type);
 
+// `deterministic` only matters to the backward; the forward takes it so that autograd can
+// pass it on (the forward itself is always deterministic).
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_locations,
-                                      const at::Tensor& attention_weights);
+                                      const at::Tensor& attention_weights, bool deterministic);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights, bool deterministic);
+
+// Test hook: which vector ISA the CPU kernels use. "" queries; "default" forces the portable
+// path; "auto" restores detection. Returns "avx2" or "default".
+std::string ms_deform_attn_cpu_isa(const std::string& request);
 
 }  // namespace cqdino

@@ -20,6 +20,7 @@ struct Corners {
   acc_t weight[4];    // bilinear weight (0 for corners outside the map)
   acc_t dw_dx[4];     // d weight / d pixel x (0 for corners outside the map)
   acc_t dw_dy[4];     // d weight / d pixel y
+  acc_t lx, ly;       // fractional position inside the cell, in [0, 1)
   bool valid[4];      // corner inside the map
   bool any;           // at least one corner inside the map
 };
@@ -41,6 +42,8 @@ CQDINO_HOST_DEVICE CQDINO_INLINE Corners<acc_t, index_t> bilinear_corners(acc_t 
   const index_t x1 = x0 + 1;
   const index_t y1 = y0 + 1;
   const acc_t lx = x - xf, ly = y - yf;
+  c.lx = lx;
+  c.ly = ly;
   const acc_t hx = acc_t(1) - lx, hy = acc_t(1) - ly;
   const index_t xs[4] = {x0, x1, x0, x1};
   const index_t ys[4] = {y0, y0, y1, y1};

@@ -1,0 +1,161 @@
+"""Small helpers shared by the benchmarks: timing, peak memory, tables and JSON output.
+
+Timings are medians over repeats. On CUDA they use device events after a warm-up; on the CPU
+``time.perf_counter``. Callers interleave the implementations they compare (one call of each
+per round) so that load from other processes hits all of them alike.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "machine_info",
+    "time_interleaved",
+    "peak_memory_bytes",
+    "format_table",
+    "write_json",
+]
+
+
+def machine_info(device: str) -> Dict[str, object]:
+    """A description of the machine (CPU model and threads, or the CUDA card) for the record."""
+    info: Dict[str, object] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+        info["avx512"] = "avx512f" in out
+    except OSError:
+        pass
+    info["cpu"] = cpu
+    info["cpu_count"] = os.cpu_count()
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(
+    fns: Dict[str, Callable[[int], object]],
+    device: str,
+    repeats: int,
+    warmup: int = 1,
+) -> Dict[str, List[float]]:
+    """Milliseconds per call of each ``fns[name](round_index)``, run round-robin.
+
+    Each round calls every function once; the round index lets callers rotate their inputs so
+    that no call times a warm cache left by the previous one.
+    """
+    names = list(fns)
+    for r in range(warmup):
+        for name in names:
+            fns[name](r)
+    _sync(device)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names:
+            if device == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name](warmup + r)
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fns[name](warmup + r)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated by ``fn()`` above what was allocated when it started.
+
+    CUDA: the caching allocator's peak statistic. CPU: the running sum of the allocations and
+    frees that the PyTorch profiler records (tensors freed inside ``fn`` count until freed).
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        if str(e.device_type()).rsplit(".", 1)[-1].upper() != "CPU":  # host allocations only
+            continue
+        current += e.nbytes()
+        peak = max(peak, current)
+    return int(peak)
+
+
+def format_table(rows: Iterable[Dict[str, object]], columns: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` with the given columns, right-aligned numbers."""
+    rows = list(rows)
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row, r in zip(cells, rows):
+        parts = []
+        for i, (cell, w) in enumerate(zip(row, widths)):
+            num = isinstance(r.get(columns[i]), (int, float))
+            parts.append(cell.rjust(w) if num else cell.ljust(w))
+        lines.append("  ".join(parts))
+    return "\n".join(lines)
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def write_json(path: Optional[str], payload: object) -> None:
+    """Writes ``payload`` as JSON to ``path`` atomically (nothing when ``path`` is None)."""
+    if not path:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
