@@ -51,7 +51,9 @@ V3DET_TREE_FILES = (
 
 
 def _datasets_root(root: Optional[str]) -> str:
-    return os.path.expanduser(root if root is not None else os.getenv("DETECTRON2_DATASETS", "datasets"))
+    if root is None:
+        root = os.getenv("DETECTRON2_DATASETS", "datasets")
+    return os.path.expanduser(root)
 
 
 def read_category_names(path: str) -> List[str]:
@@ -172,7 +174,12 @@ def load_detection_json(
                 f"category id {a.get('category_id')}"
             ) from None
         target.append(
-            {"bbox": a["bbox"], "bbox_mode": xywh, "category_id": cid, "iscrowd": a.get("iscrowd", 0)}
+            {
+                "bbox": a["bbox"],
+                "bbox_mode": xywh,
+                "category_id": cid,
+                "iscrowd": a.get("iscrowd", 0),
+            }
         )
     if dataset_name is not None:
         meta = MetadataCatalog.get(dataset_name)
@@ -275,4 +282,3 @@ def register_synthetic_vocab(root: Optional[str] = None, **generate_kwargs) -> N
             thing_classes=names,
             thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)},
         )
-

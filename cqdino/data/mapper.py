@@ -151,7 +151,8 @@ class DetrDatasetMapper:
         ):
             return self._fail(
                 record,
-                f"image is {w}x{h} but the record says {record.get('width')}x{record.get('height')}",
+                f"image is {w}x{h} but the record says "
+                f"{record.get('width')}x{record.get('height')}",
             )
         record.setdefault("height", h)
         record.setdefault("width", w)
