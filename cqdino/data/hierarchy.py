@@ -294,7 +294,12 @@ class CategoryTree:
             raise KeyError(f"{self.source}: unknown category id {cid!r}") from None
 
     def _ids(self, idx: Iterable[int]) -> List[Hashable]:
-        return [self._nodes[i] for i in sorted(idx)]
+        """Node ids, sorted (by ``repr`` when the ids are of mixed types)."""
+        nodes = [self._nodes[i] for i in idx]
+        try:
+            return sorted(nodes)
+        except TypeError:
+            return sorted(nodes, key=repr)
 
     def parents(self, cid: int) -> List[Hashable]:
         """Node ids of the direct parents of category ``cid``'s node."""
