@@ -172,33 +172,30 @@ def _coco(images: List[dict], anns: List[dict]) -> COCO:
 
 def _eval_one_category(gt: BoxArrays, dt: BoxArrays, max_dets: int):
     """(T, A) mean-over-recall precision and (T, A) recall at maxDet; NaN where no GT."""
-    img_ids = np.union1d(gt["image_id"], dt["image_id"])
-    images = [{"id": int(i), "height": 1, "width": 1} for i in img_ids]
-    g_anns = []
-    for j in range(len(gt)):
-        a = {
-            "id": j + 1,
-            "image_id": int(gt["image_id"][j]),
-            "category_id": 1,
-            "bbox": gt["bbox"][j].tolist(),
-            "area": float(gt["area"][j]),
-            "iscrowd": int(gt["iscrowd"][j]),
-        }
-        if gt["ignore"][j]:
-            a["_ignore_copy"] = True
-        g_anns.append(a)
+    img_ids = np.union1d(gt["image_id"], dt["image_id"]).tolist()
+    images = [{"id": i, "height": 1, "width": 1} for i in img_ids]
+    g_anns = [
+        {"id": j, "image_id": i, "category_id": 1, "bbox": b, "area": a, "iscrowd": c}
+        for j, i, b, a, c in zip(
+            itertools.count(1),
+            gt["image_id"].tolist(),
+            gt["bbox"].tolist(),
+            gt["area"].tolist(),
+            gt["iscrowd"].tolist(),
+        )
+    ]
+    for j in np.flatnonzero(gt["ignore"]).tolist():
+        g_anns[j]["_ignore_copy"] = True
     d_bbox = dt["bbox"]
-    d_area = d_bbox[:, 2] * d_bbox[:, 3]
     d_anns = [
-        {
-            "id": j + 1,
-            "image_id": int(dt["image_id"][j]),
-            "category_id": 1,
-            "bbox": d_bbox[j].tolist(),
-            "score": float(dt["score"][j]),
-            "area": float(d_area[j]),
-        }
-        for j in range(len(dt))
+        {"id": j, "image_id": i, "category_id": 1, "bbox": b, "score": s, "area": a}
+        for j, i, b, s, a in zip(
+            itertools.count(1),
+            dt["image_id"].tolist(),
+            d_bbox.tolist(),
+            dt["score"].tolist(),
+            (d_bbox[:, 2] * d_bbox[:, 3]).tolist(),
+        )
     ]
     ev = _COCOevalIgnore(
         _coco(images, g_anns), _coco(images, d_anns), "bbox", print_function=_quiet
