@@ -81,10 +81,21 @@ def _load_json(json_file: str) -> dict:
     return data
 
 
+_IMAGE_COUNT_CACHE: Dict[tuple, Dict[int, int]] = {}
+
+
 def image_counts_from_json(json_file: str) -> Dict[int, int]:
-    """Number of images per category id (the frequency-group statistic) of a COCO json."""
-    data = _load_json(json_file)
-    return _image_counts(data["annotations"], [c["id"] for c in data["categories"]])
+    """Number of images per category id (the frequency-group statistic) of a COCO json.
+
+    Cached per (path, mtime, size), since evaluation asks for it after every eval round.
+    """
+    st = os.stat(json_file)
+    key = (os.path.abspath(json_file), st.st_mtime_ns, st.st_size)
+    if key not in _IMAGE_COUNT_CACHE:
+        data = _load_json(json_file)
+        counts = _image_counts(data["annotations"], [c["id"] for c in data["categories"]])
+        _IMAGE_COUNT_CACHE[key] = counts
+    return dict(_IMAGE_COUNT_CACHE[key])
 
 
 def _image_counts(annotations: list, category_ids: Sequence[int]) -> Dict[int, int]:
@@ -104,6 +115,7 @@ def load_detection_json(
     image_root: str,
     dataset_name: Optional[str] = None,
     category_names: Optional[Sequence[str]] = None,
+    record_image_count: bool = False,
 ) -> List[dict]:
     """Load a COCO-format detection json (V3Det, synthetic_vocab) as detectron2 dataset dicts.
 
@@ -113,9 +125,11 @@ def load_detection_json(
     Args:
         json_file: COCO json with ``images``, ``annotations`` (xywh ``bbox``), ``categories``.
         image_root: folder the images' ``file_name`` is relative to.
-        dataset_name: when given, its metadata gets ``thing_classes``,
-            ``thing_dataset_id_to_contiguous_id`` and ``image_count`` (from this json).
+        dataset_name: when given, its metadata gets ``thing_classes`` and
+            ``thing_dataset_id_to_contiguous_id``.
         category_names: display names.
+        record_image_count: also set ``image_count`` (images per category, contiguous order)
+            in the metadata; only for a *training* split (frequency groups count train images).
     Returns:
         list of dicts with ``file_name``, ``height``, ``width``, ``image_id`` and
         ``annotations`` (``bbox`` xywh, ``bbox_mode`` XYWH_ABS, contiguous ``category_id``,
@@ -183,12 +197,10 @@ def load_detection_json(
         )
     if dataset_name is not None:
         meta = MetadataCatalog.get(dataset_name)
-        counts = _image_counts(data["annotations"], cat_ids)
-        meta.set(
-            thing_classes=names,
-            thing_dataset_id_to_contiguous_id=id_map,
-            image_count=[counts[c] for c in cat_ids],
-        )
+        meta.set(thing_classes=names, thing_dataset_id_to_contiguous_id=id_map)
+        if record_image_count:
+            counts = _image_counts(data["annotations"], cat_ids)
+            meta.set(image_count=[counts[c] for c in cat_ids])
     logger.info(
         f"Built {len(dicts)} dataset dicts ({len(data['annotations'])} boxes) from {json_file} "
         f"in {time.perf_counter() - t0:.1f} s"
@@ -218,7 +230,7 @@ def register_v3det(root: Optional[str] = None) -> None:
     Metadata: ``json_file``, ``image_root``, ``evaluator_type="v3det"``, ``category_tree_file``
     (the tree json; may not exist), ``train_json_file`` (frequency groups come from it) and,
     when the names txt exists, ``thing_classes`` / ``thing_dataset_id_to_contiguous_id``
-    (ids 1..13204 -> 0..13203). ``image_count`` is set when the split is loaded.
+    (ids 1..13204 -> 0..13203). ``image_count`` is set when ``v3det_train`` is loaded.
     """
     root = _datasets_root(root)
     names_file = _first_existing(root, V3DET_NAMES_FILES)
@@ -247,7 +259,9 @@ def register_v3det(root: Optional[str] = None) -> None:
                     f"No V3Det category-name txt under {root} ({V3DET_NAMES_FILES}); display "
                     "names come from the json, where some names repeat"
                 )
-            return load_detection_json(json_file, image_root, name, category_names=names)
+            return load_detection_json(
+                json_file, image_root, name, names, record_image_count=name == "v3det_train"
+            )
 
         _replace(name, load, **meta)
 
@@ -269,7 +283,13 @@ def register_synthetic_vocab(root: Optional[str] = None, **generate_kwargs) -> N
 
         def load(json_file=json_file, name=name):
             synthetic.ensure_generated(out, **generate_kwargs)
-            return load_detection_json(json_file, os.path.join(out, "images"), name, names)
+            return load_detection_json(
+                json_file,
+                os.path.join(out, "images"),
+                name,
+                names,
+                record_image_count=name.endswith("_train"),
+            )
 
         _replace(
             name,

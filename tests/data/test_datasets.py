@@ -10,6 +10,7 @@ from detectron2.structures import BoxMode
 
 from cqdino.data import (
     CategoryTree,
+    image_counts_from_json,
     load_detection_json,
     read_category_names,
     register_synthetic_vocab,
@@ -88,8 +89,11 @@ def test_register_v3det(tmp_path):
         assert [d["image_id"] for d in dicts] == [10, 11]
         assert dicts[0]["file_name"] == os.path.join(str(tmp_path), "V3Det", "images", "a/1.jpg")
         assert [a["category_id"] for a in dicts[1]["annotations"]] == [2, 0]
-        # image counts per category: id1 -> 1 image, id2 -> 0, id3 -> 2 images
+        # image counts per category: id1 -> 1 image, id2 -> 0, id3 -> 2 images (train only)
         assert MetadataCatalog.get("v3det_train").image_count == [1, 0, 2]
+        DatasetCatalog.get("v3det_val")
+        assert not hasattr(MetadataCatalog.get("v3det_val"), "image_count")
+        assert image_counts_from_json(meta.train_json_file) == {1: 1, 2: 0, 3: 2}
     finally:
         register_v3det()  # back to the default root
 

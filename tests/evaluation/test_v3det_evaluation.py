@@ -227,3 +227,36 @@ def test_unknown_category_is_an_error():
     d = dt_arrays([1], [4], [[0, 0, 5, 5]], [0.5])
     with pytest.raises(ValueError, match=r"detections use unknown category ids \[4\]"):
         evaluate_boxes(g, d, [1, 2, 3])
+
+
+def test_evaluator_on_synthetic_with_tree_file(tmp_path):
+    from cqdino.data import register_synthetic_vocab
+
+    small = dict(num_categories=40, num_train_images=30, num_val_images=10, seed=1)
+    register_synthetic_vocab(str(tmp_path), **small)
+    try:
+        dicts = DatasetCatalog.get("synthetic_vocab_val")
+        DatasetCatalog.get("synthetic_vocab_train")
+        results = {}
+        for tree in ("auto", None):
+            ev = V3DetEvaluator("synthetic_vocab_val", tree=tree, distributed=False)
+            ev.reset()
+            for rec in dicts:
+                anns = rec["annotations"]
+                inst = _instances(
+                    [a["bbox"] for a in anns],
+                    [1.0] * len(anns),
+                    [a["category_id"] for a in anns],
+                    rec["height"],
+                    rec["width"],
+                )
+                ev.process([{"image_id": rec["image_id"]}], [{"instances": inst}])
+            assert ev._tree() is None if tree is None else ev._tree().num_categories == 40
+            results[tree] = ev.evaluate()["bbox"]
+        for res in results.values():
+            assert res["AP"] == pytest.approx(100.0)  # perfect predictions
+            # image counts come from the train json named in the metadata
+            assert {"APr", "APc", "APf"} <= set(res)
+        assert not hasattr(MetadataCatalog.get("synthetic_vocab_val"), "image_count")
+    finally:
+        register_synthetic_vocab()
