@@ -271,3 +271,16 @@ def test_evaluator_on_synthetic_with_tree_file(tmp_path):
         assert not hasattr(MetadataCatalog.get("synthetic_vocab_val"), "image_count")
     finally:
         register_synthetic_vocab()
+
+
+def test_build_evaluator_picks_by_type(shared_data):
+    import cqdino.data  # noqa: F401  (registers the datasets)
+    from cqdino.evaluation import build_evaluator
+
+    assert isinstance(build_evaluator("synthetic_vocab_val"), V3DetEvaluator)
+    name = "cqdino_test_coco8_train"
+    if name not in DatasetCatalog.list():
+        root = shared_data / "coco8"
+        register_coco_instances(name, {}, str(root / "annotations" / "coco8_train.json"), str(root))
+    ev = build_evaluator(name)
+    assert isinstance(ev, COCOEvaluator) and ev._use_fast_impl is False
