@@ -284,3 +284,33 @@ def test_build_evaluator_picks_by_type(shared_data):
         register_coco_instances(name, {}, str(root / "annotations" / "coco8_train.json"), str(root))
     ev = build_evaluator(name)
     assert isinstance(ev, COCOEvaluator) and ev._use_fast_impl is False
+
+
+def test_hierarchy_copies_match_a_plain_loop():
+    from cqdino.evaluation.v3det_evaluation import add_hierarchy_ignores
+
+    rng = np.random.default_rng(0)
+    ancestors = {2: [1], 3: [1], 4: [3, 1], 6: [5], 7: [5, 9]}
+    gt = gt_arrays(
+        rng.integers(1000, 1030, 200), rng.integers(1, 10, 200), rng.uniform(1, 50, (200, 4))
+    )
+    dt = dt_arrays(
+        rng.integers(1000, 1030, 300),
+        rng.integers(1, 10, 300),
+        rng.uniform(1, 50, (300, 4)),
+        rng.random(300),
+    )
+    out = add_hierarchy_ignores(gt, dt, ancestors)
+    n = len(gt)
+    assert (out["ignore"][:n] == 0).all() and (out["ignore"][n:] == 1).all()
+    got = sorted(
+        (int(i), int(c), tuple(b))
+        for i, c, b in zip(out["image_id"][n:], out["category_id"][n:], out["bbox"][n:].tolist())
+    )
+    expect = []
+    for img, d in sorted({(int(i), int(c)) for i, c in zip(dt["image_id"], dt["category_id"])}):
+        for a in ancestors.get(d, []):
+            for j in range(n):
+                if gt["image_id"][j] == img and gt["category_id"][j] == a:
+                    expect.append((img, d, tuple(gt["bbox"][j].tolist())))
+    assert len(expect) > 20 and got == sorted(expect)
