@@ -88,15 +88,20 @@ def dt_arrays(image_id, category_id, bbox, score) -> BoxArrays:
     )
 
 
-def truncate_per_image(dt: BoxArrays, max_dets: int) -> BoxArrays:
-    """Keep each image's ``max_dets`` highest-scoring detections (over all categories)."""
+def truncation_index(dt: BoxArrays, max_dets: int) -> np.ndarray:
+    """Sorted indices of each image's ``max_dets`` highest-scoring detections."""
     if len(dt) == 0:
-        return dt
+        return np.zeros(0, np.int64)
     order = np.lexsort((-dt["score"], dt["image_id"]))  # by image, then score descending
     img = dt["image_id"][order]
     starts = np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
     rank = np.arange(len(img)) - np.repeat(starts, np.diff(np.r_[starts, len(img)]))
-    return dt.take(np.sort(order[rank < max_dets]))
+    return np.sort(order[rank < max_dets])
+
+
+def truncate_per_image(dt: BoxArrays, max_dets: int) -> BoxArrays:
+    """Keep each image's ``max_dets`` highest-scoring detections (over all categories)."""
+    return dt.take(truncation_index(dt, max_dets))
 
 
 def add_hierarchy_ignores(
@@ -273,14 +278,18 @@ def evaluate_boxes(
 
     positions(gt, "ground truth")
     positions(dt, "detections")
-    dt = truncate_per_image(dt, max_dets_per_image)
+    # Truncate and group detections with a single copy of the (possibly 9M-row) arrays.
+    keep = truncation_index(dt, max_dets_per_image)
+    kept = BoxArrays(image_id=dt["image_id"][keep], category_id=dt["category_id"][keep])
     if ancestors:
-        gt = add_hierarchy_ignores(gt, dt, ancestors)
+        gt = add_hierarchy_ignores(gt, kept, ancestors)
     # Group by category position, keeping input order within a category.
-    gpos, dpos = positions(gt, "ground truth"), positions(dt, "detections")
+    gpos, dpos = positions(gt, "ground truth"), positions(kept, "detections")
+    del kept
     gorder = np.argsort(gpos, kind="stable")
     dorder = np.argsort(dpos, kind="stable")
-    gt, dt = gt.take(gorder), dt.take(dorder)
+    gt, dt = gt.take(gorder), dt.take(keep[dorder])
+    del keep
     g_bounds = np.searchsorted(gpos[gorder], np.arange(K + 1))
     d_bounds = np.searchsorted(dpos[dorder], np.arange(K + 1))
     # Only categories with some GT get evaluated (no GT: undefined precision, excluded).
