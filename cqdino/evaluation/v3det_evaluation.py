@@ -351,6 +351,27 @@ def frequency_groups(image_count: Sequence[int]) -> Dict[str, np.ndarray]:
     return out
 
 
+def load_image_count_file(path: str, category_ids: Sequence[int]) -> np.ndarray:
+    """Training images per category from a user file, in ``category_ids`` order.
+
+    Accepts a V3Det/LVIS-style category list (``[{"id", "image_count", ...}]``, e.g.
+    ``v3det_2023_v1_train_cat_info.json``), optionally under a ``categories`` key, or a
+    ``{category id: count}`` mapping. Categories absent from the file count 0.
+    """
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if isinstance(data, dict) and "categories" in data:
+        data = data["categories"]
+    try:
+        if isinstance(data, dict):
+            counts = {int(k): int(v) for k, v in data.items()}
+        else:
+            counts = {int(c["id"]): int(c["image_count"]) for c in data}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not an image-count file ({e})") from e
+    return np.asarray([counts.get(int(c), 0) for c in category_ids])
+
+
 def _load_gt_json(json_file: str, image_ids: Optional[set]) -> BoxArrays:
     with open(json_file, encoding="utf-8") as f:
         anns = json.load(f)["annotations"]
@@ -395,7 +416,8 @@ class V3DetEvaluator(DatasetEvaluator):
             output_dir: where to save the compact predictions (``v3det_predictions.npz``).
             distributed: gather predictions from all ranks.
             image_count: training images per category (contiguous order) for frequency AP;
-                default ``metadata.image_count``, else counted from ``metadata.train_json_file``.
+                default ``metadata.image_count``, else ``metadata.image_count_file`` (see
+                :func:`load_image_count_file`), else counted from ``metadata.train_json_file``.
         """
         self._dataset_name = dataset_name
         self._metadata = MetadataCatalog.get(dataset_name)
@@ -465,6 +487,9 @@ class V3DetEvaluator(DatasetEvaluator):
         ic = getattr(self._metadata, "image_count", None)
         if ic is not None:
             return np.asarray(ic)
+        user_file = getattr(self._metadata, "image_count_file", None)
+        if user_file:
+            return load_image_count_file(user_file, self._to_dataset)
         train_json = getattr(self._metadata, "train_json_file", None)
         if train_json and os.path.exists(train_json):
             from cqdino.data.datasets import image_counts_from_json
