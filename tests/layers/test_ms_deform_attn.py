@@ -124,7 +124,7 @@ def test_opcheck():
     grad = torch.randn(2, 5, 8)
     torch.library.opcheck(
         op.ms_deform_attn_backward,
-        (grad, value.detach(), shapes, starts, loc.detach(), attn, False),
+        (grad, value.detach(), shapes, starts, loc.detach(), attn.detach(), False),
     )
 
 
