@@ -1,0 +1,153 @@
+"""Backbone adapters returning C3-C5 (ResNet, detectron2's implementation) or the last three
+Swin stages (timm ``features_only``, NCHW), plus the two training presets.
+
+Presets (``BACKBONE_PRESETS``):
+
+* ``"scratch"`` (offline default, no ImageNet weights): trainable BatchNorm, nothing frozen, lr
+  multiplier 1. detectron2's FrozenBN / ``FREEZE_AT=2`` defaults would leave a randomly
+  initialised stem and res2 frozen and the normalisation fixed, and training stalls.
+* ``"pretrained"`` (the published recipe; weights only through ``train.init_checkpoint``):
+  FrozenBN, frozen stem, backbone lr x 0.01.
+"""
+
+from typing import Dict, Sequence
+
+import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.resnet import BasicStem, ResNet
+from torch import Tensor
+
+__all__ = [
+    "BACKBONE_PRESETS",
+    "build_resnet",
+    "TimmSwinBackbone",
+    "BackboneLRFactor",
+    "build_timm_swin_backbone",
+]
+
+BACKBONE_PRESETS = {
+    "scratch": {"norm": "BN", "freeze_at": 0, "lr_multiplier": 1.0},
+    "pretrained": {"norm": "FrozenBN", "freeze_at": 1, "lr_multiplier": 0.01},
+}
+
+
+def build_resnet(
+    depth: int = 50,
+    norm: str = "BN",
+    freeze_at: int = 0,
+    out_features: Sequence[str] = ("res3", "res4", "res5"),
+    stride_in_1x1: bool = False,
+) -> ResNet:
+    """detectron2 ResNet-``depth`` (18/34 basic blocks, 50/101/152 bottlenecks).
+
+    Args:
+        norm: detectron2 norm name ("BN", "SyncBN", "FrozenBN", "GN", ...).
+        freeze_at: 0 = nothing frozen, 1 = stem, 2 = stem + res2, ...
+        out_features: default C3-C5 (strides 8, 16, 32).
+        stride_in_1x1: MSRA-style bottlenecks (False matches torchvision/detrex weights).
+    """
+    if depth not in (18, 34, 50, 101, 152):
+        raise ValueError(f"build_resnet: depth must be one of 18/34/50/101/152, got {depth}")
+    kwargs = {"norm": norm}
+    if depth >= 50:
+        kwargs["stride_in_1x1"] = stride_in_1x1
+    stages = ResNet.make_default_stages(depth, **kwargs)
+    stem = BasicStem(in_channels=3, out_channels=64, norm=norm)
+    return ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
+
+
+class BackboneLRFactor:
+    """``lr_factor_func`` for :func:`detectron2.solver.get_default_optimizer_params`: returns
+    ``factor`` for parameters under ``prefix`` and 1 elsewhere (a class, so LazyConfigs stay
+    serialisable)."""
+
+    def __init__(self, factor: float = 0.01, prefix: str = "backbone."):
+        self.factor, self.prefix = factor, prefix
+
+    def __call__(self, name: str) -> float:
+        return self.factor if name.startswith(self.prefix) else 1.0
+
+
+_SWIN_VARIANTS = {
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "swin_b": "swin_base_patch4_window12_384",
+    "swin_l": "swin_large_patch4_window12_384",
+}
+
+
+class TimmSwinBackbone(Backbone):
+    """Swin-T/B/L from timm (no download: ``pretrained=False``; load weights with
+    ``train.init_checkpoint``), for any input size.
+
+    Inputs are padded (zeros, bottom/right) to a multiple of 32 = patch 4 x three 2x merges; timm
+    pads each stage to the window size itself (``strict_img_size=False``). Outputs NCHW
+    ``res3``..``res5`` (strides 8, 16, 32) or more with ``out_indices``.
+
+    Args:
+        variant: "swin_t", "swin_b", "swin_l" or a timm model name.
+        out_indices: stages to return (0 = stride 4).
+        drop_path_rate: stochastic depth.
+        freeze_patch_embed: freeze the patch embedding (the pretrained recipe's "stem").
+    """
+
+    def __init__(
+        self,
+        variant: str = "swin_t",
+        out_indices: Sequence[int] = (1, 2, 3),
+        drop_path_rate: float = 0.2,
+        freeze_patch_embed: bool = False,
+    ):
+        super().__init__()
+        import timm
+
+        name = _SWIN_VARIANTS.get(variant, variant)
+        self.body = timm.create_model(
+            name,
+            pretrained=False,
+            features_only=True,
+            out_indices=tuple(out_indices),
+            strict_img_size=False,
+            drop_path_rate=drop_path_rate,
+        )
+        info = self.body.feature_info
+        self._names = [f"res{i + 2}" for i in out_indices]
+        self._out_feature_channels = dict(zip(self._names, info.channels()))
+        self._out_feature_strides = dict(zip(self._names, info.reduction()))
+        self._out_features = self._names
+        if freeze_patch_embed:
+            for name, p in self.body.named_parameters():
+                if name.startswith("patch_embed"):
+                    p.requires_grad_(False)
+
+    @property
+    def size_divisibility(self) -> int:
+        return 32
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        """``[B, 3, H, W]`` -> name -> ``[B, C, H_pad / s, W_pad / s]`` (H, W padded to 32)."""
+        H, W = x.shape[-2:]
+        d = self.size_divisibility
+        x = F.pad(x, (0, (d - W % d) % d, 0, (d - H % d) % d))
+        outs = self.body(x)
+        return {n: o.permute(0, 3, 1, 2).contiguous() for n, o in zip(self._names, outs)}
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            n: ShapeSpec(
+                channels=self._out_feature_channels[n], stride=self._out_feature_strides[n]
+            )
+            for n in self._names
+        }
+
+
+@BACKBONE_REGISTRY.register()
+def build_timm_swin_backbone(cfg, input_shape) -> Backbone:
+    """yacs builder: ``MODEL.BACKBONE.NAME = "build_timm_swin_backbone"``, variant in
+    ``MODEL.SWIN.VARIANT``, stages ``MODEL.SWIN.OUT_INDICES``."""
+    return TimmSwinBackbone(
+        cfg.MODEL.SWIN.VARIANT,
+        cfg.MODEL.SWIN.OUT_INDICES,
+        cfg.MODEL.SWIN.DROP_PATH_RATE,
+        freeze_patch_embed=cfg.MODEL.BACKBONE.FREEZE_AT >= 1,
+    )
