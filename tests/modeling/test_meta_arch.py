@@ -251,3 +251,14 @@ def test_cuda_training_step_and_inference():
     with torch.no_grad():
         out = model(batch([(64, 96, 0)], C))
     assert out[0]["instances"].pred_boxes.tensor.device.type == "cuda"
+
+
+def test_bf16_autocast_training_step():
+    torch.manual_seed(0)
+    model = tiny_dino(C, embed_dim=64, width=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch([(64, 96, 3), (80, 64, 0)], C))
+    total = sum(v.float() for v in losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
