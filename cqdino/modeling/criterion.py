@@ -1,0 +1,177 @@
+"""DINO's set criterion: sigmoid focal classification + L1 + GIoU box losses, on the final
+decoder layer, every auxiliary decoder layer, the encoder proposals and the denoising groups.
+
+Losses are sums normalised by the number of GT boxes in the batch, all-reduced over GPUs and
+clamped to >= 1 (DN losses by that number times the number of DN groups), so an image or a whole
+batch without GT gives finite losses (the focal term then pushes every query to background).
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.utils import comm
+from torch import Tensor, nn
+
+from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from .matcher import HungarianMatcher
+
+__all__ = ["SetCriterion", "sigmoid_focal_loss"]
+
+
+def sigmoid_focal_loss(
+    logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
+    """Element-wise focal loss (no reduction); ``targets`` in {0, 1}, same shape as logits."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss
+
+
+class SetCriterion(nn.Module):
+    """
+    Args:
+        matcher: assigns queries to GT boxes.
+        loss_class_weight, loss_bbox_weight, loss_giou_weight: weights of the focal, L1 and GIoU
+            terms; every auxiliary copy (``_0.._{L-2}``, ``_enc``, ``_dn``, ``_dn_i``) uses the
+            same weights.
+        focal_alpha, focal_gamma: focal loss parameters.
+    """
+
+    def __init__(
+        self,
+        matcher: HungarianMatcher,
+        *,
+        loss_class_weight: float = 1.0,
+        loss_bbox_weight: float = 5.0,
+        loss_giou_weight: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
+        super().__init__()
+        self.matcher = matcher
+        self.weights = {
+            "loss_class": loss_class_weight,
+            "loss_bbox": loss_bbox_weight,
+            "loss_giou": loss_giou_weight,
+        }
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+
+    def loss_single(
+        self,
+        pred_logits: Tensor,
+        pred_boxes: Tensor,
+        targets: List[Dict[str, Tensor]],
+        indices: List[Tuple[Tensor, Tensor]],
+        num_boxes: float,
+        valid_columns: Optional[Tensor] = None,
+    ) -> Dict[str, Tensor]:
+        """Unweighted losses of one prediction set.
+
+        Args:
+            pred_logits: ``[B, Q, N_col]``; pred_boxes: ``[B, Q, 4]`` normalised cxcywh.
+            targets: per image ``{"labels": [G] (-1 = no class target), "boxes": [G, 4]}``.
+            indices: per image ``(query_idx, target_idx)``.
+            num_boxes: normaliser.
+            valid_columns: optional ``[B, N_col]`` bool; other columns are excluded.
+        """
+        B, Q, N = pred_logits.shape
+        device = pred_logits.device
+        batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(
+            device
+        )
+        query_idx = torch.cat([q for q, _ in indices]).to(device)
+        labels = torch.cat([t["labels"][g.to(device)] for t, (_, g) in zip(targets, indices)])
+        gt_boxes = torch.cat([t["boxes"][g.to(device)] for t, (_, g) in zip(targets, indices)])
+
+        onehot = torch.zeros(B, Q, N, dtype=pred_logits.dtype, device=device)
+        pos = labels >= 0
+        onehot[batch_idx[pos], query_idx[pos], labels[pos]] = 1
+        logits = pred_logits
+        if valid_columns is not None:
+            keep = valid_columns[:, None, :].expand_as(logits)
+            logits = torch.where(keep, logits, torch.zeros_like(logits))
+        focal = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
+        if valid_columns is not None:
+            focal = focal * keep
+        losses = {"loss_class": focal.sum() / num_boxes}
+
+        src = pred_boxes[batch_idx, query_idx]  # (M, 4)
+        losses["loss_bbox"] = F.l1_loss(src, gt_boxes, reduction="sum") / num_boxes
+        giou = elementwise_generalized_box_iou(
+            box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(gt_boxes)
+        )
+        losses["loss_giou"] = (1 - giou).sum() / num_boxes
+        return losses
+
+    def _weighted(self, losses: Dict[str, Tensor], suffix: str) -> Dict[str, Tensor]:
+        return {k + suffix: v * self.weights[k] for k, v in losses.items()}
+
+    def num_boxes(self, targets: List[Dict[str, Tensor]], device: torch.device) -> float:
+        """GT boxes in the batch, averaged over GPUs (sum / world size), clamped to >= 1."""
+        n = torch.as_tensor(
+            [float(sum(len(t["boxes"]) for t in targets))], dtype=torch.float, device=device
+        )
+        world = comm.get_world_size()
+        if world > 1:
+            torch.distributed.all_reduce(n)
+        return max(n.item() / world, 1.0)
+
+    def forward(
+        self,
+        outputs: Dict,
+        targets: List[Dict[str, Tensor]],
+        dn_meta: Optional[Dict] = None,
+        valid_columns: Optional[Tensor] = None,
+    ) -> Dict[str, Tensor]:
+        """
+        Args:
+            outputs: ``pred_logits`` ``[B, Q, N_col]`` and ``pred_boxes`` ``[B, Q, 4]`` of the last
+                decoder layer; ``aux_outputs``: list of such dicts for layers ``0..L-2``;
+                ``enc_outputs``: the selected encoder proposals; ``dn_outputs``: list over all
+                L layers of the DN queries' predictions.
+            targets: per image ``{"labels", "boxes"}`` (labels mapped by the class head).
+            dn_meta: ``{"num_groups": int, "indices": per image (dn_query_idx, target_idx)}``
+                for the positive DN queries, or None without DN.
+            valid_columns: ``[B, N_col]`` from the class head, or None.
+
+        Returns:
+            weighted losses ``loss_{class,bbox,giou}`` with suffixes ``""`` (last layer),
+            ``_i`` (aux layer i), ``_enc``, ``_dn`` (last layer), ``_dn_i``.
+        """
+        device = outputs["pred_logits"].device
+        num_boxes = self.num_boxes(targets, device)
+        losses = {}
+
+        def add(out, suffix):
+            indices = self.matcher(out["pred_logits"], out["pred_boxes"], targets)
+            single = self.loss_single(
+                out["pred_logits"], out["pred_boxes"], targets, indices, num_boxes, valid_columns
+            )
+            losses.update(self._weighted(single, suffix))
+
+        add(outputs, "")
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            add(aux, f"_{i}")
+        if "enc_outputs" in outputs:
+            add(outputs["enc_outputs"], "_enc")
+
+        dn_outputs = outputs.get("dn_outputs")
+        if dn_outputs is not None and dn_meta is not None:
+            num_dn = num_boxes * dn_meta["num_groups"]
+            for i, out in enumerate(dn_outputs):
+                suffix = "_dn" if i == len(dn_outputs) - 1 else f"_dn_{i}"
+                single = self.loss_single(
+                    out["pred_logits"],
+                    out["pred_boxes"],
+                    targets,
+                    dn_meta["indices"],
+                    num_dn,
+                    valid_columns,
+                )
+                losses.update(self._weighted(single, suffix))
+        return losses

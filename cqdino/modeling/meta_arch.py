@@ -1,0 +1,307 @@
+"""DINO as a detectron2 meta-architecture, with the classification head as a swappable module
+(:mod:`cqdino.modeling.heads`) so CQ-DINO subclasses it and replaces only what differs."""
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import Tensor, nn
+
+from .backbone import ConvPaddingZeroer
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from .criterion import SetCriterion
+from .denoising import CDNGenerator
+from .heads import ClassHead, ClassHeadState, LinearClassHead
+from .matcher import HungarianMatcher
+from .neck import ChannelMapper
+from .position_encoding import PositionEmbeddingSine
+from .transformer import DeformableDecoder, DeformableEncoder, DINOTransformer
+
+__all__ = ["DINO"]
+
+
+@META_ARCH_REGISTRY.register()
+class DINO(nn.Module):
+    """DINO (Zhang et al., 2022): deformable DETR with contrastive denoising, mixed query
+    selection and look-forward-twice; two-stage, 4 levels.
+
+    Distributed training (DDP policy): every parameter receives a gradient in every step, so
+    ``find_unused_parameters=False`` works. Images without GT still produce the focal loss
+    (all-background targets) and zero-sized box sums, which keep the box branches in the graph;
+    a batch without any GT has no DN queries, and the DN loss keys are then emitted as zeros
+    multiplied into the DN label table (same keys on every rank, no unused parameters).
+    Exception: with fewer valid encoder positions than ``num_queries`` (tiny images) only the
+    first ``k`` learned content queries are used.
+
+    Subclassing (CQ-DINO): override :meth:`prepare_class_state` (or put the logic in the
+    class head's ``prepare``), pass a different ``class_head`` and the transformer hooks;
+    nothing else needs copying.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        neck: ChannelMapper,
+        position_embedding: nn.Module,
+        transformer: DINOTransformer,
+        class_head: ClassHead,
+        criterion: SetCriterion,
+        pixel_mean: Tuple[float, float, float],
+        pixel_std: Tuple[float, float, float],
+        # Denoising:
+        dn_number: int = 100,
+        label_noise_ratio: float = 0.5,
+        box_noise_scale: float = 1.0,
+        # Inference:
+        select_box_nums_for_evaluation: int = 300,
+        size_divisibility: int = 0,
+        zero_backbone_padding: bool = True,
+    ):
+        """
+        Args:
+            backbone: detectron2 backbone returning the levels the neck reads.
+            neck: maps backbone levels to ``transformer.embed_dim`` channels (+ extra levels).
+            position_embedding: padding mask ``[B, H, W]`` -> ``[B, D, H, W]``.
+            transformer: :class:`DINOTransformer`.
+            class_head: :class:`ClassHead` (``LinearClassHead(num_classes)`` for DINO).
+            criterion: :class:`SetCriterion`.
+            pixel_mean, pixel_std: input normalisation (channel order of the inputs).
+            dn_number: DN query budget per image (0 disables DN); label_noise_ratio,
+                box_noise_scale: CDN noise (see :class:`CDNGenerator`). The DN label table
+                is sized by ``class_head.num_dn_labels``.
+            select_box_nums_for_evaluation: detections kept per image (top query x class
+                pairs).
+            size_divisibility: pad images to a multiple of this (at least the backbone's).
+            zero_backbone_padding: zero the padded region after every conv of the backbone
+                (:class:`~cqdino.modeling.backbone.ConvPaddingZeroer`), so with the masked
+                neck and transformer an image's detections do not depend on the batch it is in
+                (exact for CNN backbones in inference).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        self.class_head = class_head
+        self.criterion = criterion
+        embed_dim = transformer.embed_dim
+        self.dn_generator = (
+            CDNGenerator(
+                class_head.num_dn_labels,
+                class_head.num_noise_labels,
+                embed_dim,
+                dn_number,
+                label_noise_ratio,
+                box_noise_scale,
+            )
+            if dn_number > 0
+            else None
+        )
+        self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
+        self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
+        self._padding_zeroer = ConvPaddingZeroer(backbone) if zero_backbone_padding else None
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        d = cfg.MODEL.DINO
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        return {
+            "backbone": backbone,
+            "neck": ChannelMapper(
+                shapes,
+                d.IN_FEATURES,
+                d.HIDDEN_DIM,
+                d.NUM_FEATURE_LEVELS - len(d.IN_FEATURES),
+                d.NECK_GN_GROUPS,
+            ),
+            "position_embedding": PositionEmbeddingSine(d.HIDDEN_DIM // 2, offset=-0.5),
+            "transformer": DINOTransformer(
+                DeformableEncoder(
+                    d.ENC_LAYERS,
+                    d.HIDDEN_DIM,
+                    d.NHEADS,
+                    d.DIM_FEEDFORWARD,
+                    d.NUM_FEATURE_LEVELS,
+                    d.ENC_N_POINTS,
+                    d.DROPOUT,
+                    use_checkpoint=d.USE_CHECKPOINT,
+                ),
+                DeformableDecoder(
+                    d.DEC_LAYERS,
+                    d.HIDDEN_DIM,
+                    d.NHEADS,
+                    d.DIM_FEEDFORWARD,
+                    d.NUM_FEATURE_LEVELS,
+                    d.DEC_N_POINTS,
+                    d.DROPOUT,
+                ),
+                d.NUM_FEATURE_LEVELS,
+                d.NUM_QUERIES,
+                d.HIDDEN_DIM,
+            ),
+            "class_head": LinearClassHead(d.NUM_CLASSES, d.HIDDEN_DIM, d.DEC_LAYERS),
+            "criterion": SetCriterion(
+                HungarianMatcher(
+                    d.COST_CLASS, d.COST_BBOX, d.COST_GIOU, d.FOCAL_ALPHA, d.FOCAL_GAMMA
+                ),
+                loss_class_weight=d.CLASS_WEIGHT,
+                loss_bbox_weight=d.BBOX_WEIGHT,
+                loss_giou_weight=d.GIOU_WEIGHT,
+                focal_alpha=d.FOCAL_ALPHA,
+                focal_gamma=d.FOCAL_GAMMA,
+            ),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "dn_number": d.DN_NUMBER,
+            "label_noise_ratio": d.LABEL_NOISE_RATIO,
+            "box_noise_scale": d.BOX_NOISE_SCALE,
+            "select_box_nums_for_evaluation": d.NUM_SELECT,
+            "size_divisibility": d.SIZE_DIVISIBILITY,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
+        """Normalise, then pad with zeros and batch (padding is masked downstream)."""
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def prepare_targets(self, gt_instances: List[Instances]) -> List[Dict[str, Tensor]]:
+        """Instances -> ``{"classes": [G] dataset classes, "boxes": [G, 4]}`` with boxes as
+        cxcywh normalised by the image's (unpadded) size."""
+        targets = []
+        for inst in gt_instances:
+            h, w = inst.image_size
+            scale = torch.tensor([w, h, w, h], dtype=torch.float, device=self.device)
+            boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor.to(self.device).float() / scale)
+            targets.append({"classes": inst.gt_classes.to(self.device), "boxes": boxes})
+        return targets
+
+    def prepare_class_state(
+        self,
+        features: Dict[str, Tensor],
+        images: ImageList,
+        targets: Optional[List[Dict[str, Tensor]]],
+    ) -> ClassHeadState:
+        """Per-batch classification state, before the encoder (CQ-DINO: category selection)."""
+        gt_classes = [t["classes"] for t in targets] if targets is not None else None
+        return self.class_head.prepare(features, images.image_sizes, gt_classes)
+
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
+        """
+        Args:
+            batched_inputs: detectron2's list of dicts (``image`` ``[3, H, W]``, ``instances``
+                in training, optional ``height``/``width`` for the output resolution).
+
+        Returns:
+            training: dict of weighted ``loss_*`` scalars (criterion + class head extras);
+            inference: ``[{"instances": Instances}]`` with ``pred_boxes``, ``scores``,
+            ``pred_classes`` (at most ``select_box_nums_for_evaluation`` per image).
+        """
+        images = self.preprocess_image(batched_inputs)
+        targets = None
+        if self.training:
+            if any("instances" not in x for x in batched_inputs):
+                raise ValueError("DINO training needs 'instances' in every input dict")
+            targets = self.prepare_targets([x["instances"] for x in batched_inputs])
+
+        if self._padding_zeroer is not None:
+            self._padding_zeroer.set(images.image_sizes, tuple(images.tensor.shape[-2:]))
+        features = self.backbone(images.tensor)
+        state = self.prepare_class_state(features, images, targets)
+        maps, masks = self.neck(features, images.image_sizes)
+        pos = [self.position_embedding(m).to(maps[0].dtype) for m in masks]
+
+        dn = (None, None, None, None)
+        if self.training:
+            labels = self.class_head.map_targets([t["classes"] for t in targets], state)
+            for t, lab in zip(targets, labels):
+                t["labels"] = lab
+            if self.dn_generator is not None:
+                dn = self.dn_generator(
+                    [self.class_head.map_dn_labels(lab) for lab in labels],
+                    [t["boxes"] for t in targets],
+                    self.transformer.num_queries,
+                )
+        dn_content, dn_ref, dn_mask, dn_meta = dn
+
+        hidden, boxes, enc_outputs, state = self.transformer(
+            maps, masks, pos, self.class_head, state, dn_content, dn_ref, dn_mask
+        )
+        logits = [self.class_head(h, state, i) for i, h in enumerate(hidden)]
+        num_dn = dn_meta["num_dn"] if dn_meta is not None else 0
+        layers = [
+            {"pred_logits": lg[:, num_dn:], "pred_boxes": bx[:, num_dn:]}
+            for lg, bx in zip(logits, boxes)
+        ]
+
+        if not self.training:
+            return self.inference(layers[-1], state, images, batched_inputs)
+
+        outputs = dict(layers[-1], aux_outputs=layers[:-1], enc_outputs=enc_outputs)
+        if dn_meta is not None:
+            outputs["dn_outputs"] = [
+                {"pred_logits": lg[:, :num_dn], "pred_boxes": bx[:, :num_dn]}
+                for lg, bx in zip(logits, boxes)
+            ]
+        valid = self.class_head.valid_columns(state)
+        losses = self.criterion(outputs, targets, dn_meta, valid)
+        if self.dn_generator is not None and dn_meta is None:
+            losses.update(self._zero_dn_losses(len(layers)))
+        losses.update(state.losses)
+        return losses
+
+    def _zero_dn_losses(self, num_layers: int) -> Dict[str, Tensor]:
+        """DN loss keys for a batch without GT: zeros tied to the DN label table, so every rank
+        reports the same keys and DDP sees the table used."""
+        zero = self.dn_generator.label_embed.weight.sum() * 0.0
+        out = {}
+        for i in range(num_layers):
+            suffix = "_dn" if i == num_layers - 1 else f"_dn_{i}"
+            for k in ("loss_class", "loss_bbox", "loss_giou"):
+                out[k + suffix] = zero
+        return out
+
+    @torch.no_grad()
+    def inference(
+        self,
+        outputs: Dict[str, Tensor],
+        state: ClassHeadState,
+        images: ImageList,
+        batched_inputs: List[Dict[str, Tensor]],
+    ) -> List[Dict[str, Instances]]:
+        """Top ``select_box_nums_for_evaluation`` (query, column) pairs per image by sigmoid
+        score; columns mapped to dataset classes by the class head; boxes scaled to the input
+        size, then to the requested output size with ``detector_postprocess``."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]  # (B, Q, N), (B, Q, 4)
+        B, Q, N = logits.shape
+        prob = logits.sigmoid().flatten(1)  # (B, Q * N)
+        k = min(self.select_box_nums_for_evaluation, Q * N)
+        scores, idx = prob.topk(k, dim=1)
+        query = torch.div(idx, N, rounding_mode="floor")
+        classes = self.class_head.columns_to_classes(idx % N, state)
+        boxes = box_cxcywh_to_xyxy(boxes.gather(1, query[..., None].expand(-1, -1, 4)))
+
+        results = []
+        for b, (h, w) in enumerate(images.image_sizes):
+            inst = Instances((h, w))
+            scale = boxes.new_tensor([w, h, w, h])
+            inst.pred_boxes = Boxes(boxes[b] * scale)
+            inst.scores = scores[b]
+            inst.pred_classes = classes[b]
+            height = batched_inputs[b].get("height", h)
+            width = batched_inputs[b].get("width", w)
+            results.append({"instances": detector_postprocess(inst, height, width)})
+        return results
