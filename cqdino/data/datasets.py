@@ -1,0 +1,304 @@
+"""Dataset registration: V3Det (``v3det_{train,val}``) and the synthetic vocabulary dataset.
+
+COCO uses detectron2's built-in ``coco_2017_*`` registrations (created by importing detectron2).
+Roots come from ``$DETECTRON2_DATASETS`` (default ``./datasets``)::
+
+    $DETECTRON2_DATASETS/V3Det/annotations/v3det_2023_v1_{train,val}.json
+    $DETECTRON2_DATASETS/V3Det/images/<category_node>/...        (file_name in the json)
+    $DETECTRON2_DATASETS/V3Det/category_name_13204_v3det_2023_v1.txt   (display names; optional)
+    $DETECTRON2_DATASETS/V3Det/annotations/v3det_2023_v1_category_tree.json   (optional)
+    $DETECTRON2_DATASETS/synthetic_vocab/...   (see cqdino.data.synthetic; generated on first use)
+
+The loader reads the json once with the standard library and builds detectron2 dataset dicts
+directly (no COCO API index, no per-annotation copies beyond the dicts detectron2 needs).
+"""
+
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+from . import synthetic
+
+__all__ = [
+    "load_detection_json",
+    "read_category_names",
+    "image_counts_from_json",
+    "register_v3det",
+    "register_synthetic_vocab",
+    "V3DET_SPLITS",
+]
+
+logger = logging.getLogger(__name__)
+
+V3DET_SPLITS = {
+    "v3det_train": "V3Det/annotations/v3det_2023_v1_train.json",
+    "v3det_val": "V3Det/annotations/v3det_2023_v1_val.json",
+}
+V3DET_NAMES_FILES = (
+    "V3Det/category_name_13204_v3det_2023_v1.txt",
+    "V3Det/annotations/category_name_13204_v3det_2023_v1.txt",
+)
+V3DET_TREE_FILES = (
+    "V3Det/annotations/v3det_2023_v1_category_tree.json",
+    "V3Det/v3det_2023_v1_category_tree.json",
+)
+
+
+def _datasets_root(root: Optional[str]) -> str:
+    if root is None:
+        root = os.getenv("DETECTRON2_DATASETS", "datasets")
+    return os.path.expanduser(root)
+
+
+def read_category_names(path: str) -> List[str]:
+    """Names from a txt file, line i = category id i+1 (CRLF or LF line ends)."""
+    with open(path, encoding="utf-8") as f:
+        names = [line.rstrip("\r\n") for line in f]
+    while names and names[-1] == "":
+        names.pop()
+    if any(not n for n in names):
+        raise ValueError(f"{path}: empty category name on line {names.index('') + 1}")
+    return names
+
+
+def _load_json(json_file: str) -> dict:
+    t0 = time.perf_counter()
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read annotation file {json_file}: {e}") from e
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise ValueError(f"{json_file}: not a COCO detection json (no {key!r})")
+    logger.info(f"Loaded {json_file} in {time.perf_counter() - t0:.1f} s")
+    return data
+
+
+_IMAGE_COUNT_CACHE: Dict[tuple, Dict[int, int]] = {}
+
+
+def image_counts_from_json(json_file: str) -> Dict[int, int]:
+    """Number of images per category id (the frequency-group statistic) of a COCO json.
+
+    Cached per (path, mtime, size), since evaluation asks for it after every eval round.
+    """
+    st = os.stat(json_file)
+    key = (os.path.abspath(json_file), st.st_mtime_ns, st.st_size)
+    if key not in _IMAGE_COUNT_CACHE:
+        data = _load_json(json_file)
+        counts = _image_counts(data["annotations"], [c["id"] for c in data["categories"]])
+        _IMAGE_COUNT_CACHE[key] = counts
+    return dict(_IMAGE_COUNT_CACHE[key])
+
+
+def _image_counts(annotations: list, category_ids: Sequence[int]) -> Dict[int, int]:
+    if not annotations:
+        return {int(c): 0 for c in category_ids}
+    img = np.fromiter((a["image_id"] for a in annotations), np.int64, len(annotations))
+    cat = np.fromiter((a["category_id"] for a in annotations), np.int64, len(annotations))
+    pairs = np.unique(np.stack([cat, img], 1), axis=0)
+    ids, counts = np.unique(pairs[:, 0], return_counts=True)
+    out = {int(c): 0 for c in category_ids}
+    out.update(zip(ids.tolist(), counts.tolist()))
+    return out
+
+
+def load_detection_json(
+    json_file: str,
+    image_root: str,
+    dataset_name: Optional[str] = None,
+    category_names: Optional[Sequence[str]] = None,
+    record_image_count: bool = False,
+) -> List[dict]:
+    """Load a COCO-format detection json (V3Det, synthetic_vocab) as detectron2 dataset dicts.
+
+    Category ids are mapped to contiguous ids in sorted-id order. Display names come from
+    ``category_names`` (indexed by sorted position) when given, else from the json.
+
+    Args:
+        json_file: COCO json with ``images``, ``annotations`` (xywh ``bbox``), ``categories``.
+        image_root: folder the images' ``file_name`` is relative to.
+        dataset_name: when given, its metadata gets ``thing_classes`` and
+            ``thing_dataset_id_to_contiguous_id``.
+        category_names: display names.
+        record_image_count: also set ``image_count`` (images per category, contiguous order)
+            in the metadata; only for a *training* split (frequency groups count train images).
+    Returns:
+        list of dicts with ``file_name``, ``height``, ``width``, ``image_id`` and
+        ``annotations`` (``bbox`` xywh, ``bbox_mode`` XYWH_ABS, contiguous ``category_id``,
+        ``iscrowd``). Box validity is checked by the mapper (it knows the real image size).
+    Raises:
+        ValueError naming the annotation and image on an unknown category or image id.
+    """
+    data = _load_json(json_file)
+    t0 = time.perf_counter()
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    cat_ids = [int(c["id"]) for c in cats]
+    if len(set(cat_ids)) != len(cat_ids):
+        raise ValueError(f"{json_file}: duplicate category ids")
+    id_map = {c: i for i, c in enumerate(cat_ids)}
+    if category_names is not None:
+        if len(category_names) != len(cats):
+            raise ValueError(
+                f"{json_file}: {len(cats)} categories but {len(category_names)} display names"
+            )
+        names = list(category_names)
+    else:
+        names = [c["name"] for c in cats]
+
+    images = data["images"]
+    per_image: Dict[int, list] = {}
+    dicts = []
+    for im in images:
+        anns: list = []
+        image_id = im["id"]
+        if image_id in per_image:
+            raise ValueError(f"{json_file}: duplicate image id {image_id}")
+        per_image[image_id] = anns
+        dicts.append(
+            {
+                "file_name": os.path.join(image_root, im["file_name"]),
+                "height": im["height"],
+                "width": im["width"],
+                "image_id": image_id,
+                "annotations": anns,
+            }
+        )
+    xywh = BoxMode.XYWH_ABS
+    for a in data["annotations"]:
+        try:
+            target = per_image[a["image_id"]]
+        except KeyError:
+            raise ValueError(
+                f"{json_file}: annotation {a.get('id')} refers to unknown image id "
+                f"{a.get('image_id')}"
+            ) from None
+        try:
+            cid = id_map[a["category_id"]]
+        except KeyError:
+            raise ValueError(
+                f"{json_file}: annotation {a.get('id')} of image {a['image_id']} has unknown "
+                f"category id {a.get('category_id')}"
+            ) from None
+        target.append(
+            {
+                "bbox": a["bbox"],
+                "bbox_mode": xywh,
+                "category_id": cid,
+                "iscrowd": a.get("iscrowd", 0),
+            }
+        )
+    if dataset_name is not None:
+        meta = MetadataCatalog.get(dataset_name)
+        meta.set(thing_classes=names, thing_dataset_id_to_contiguous_id=id_map)
+        if record_image_count:
+            counts = _image_counts(data["annotations"], cat_ids)
+            meta.set(image_count=[counts[c] for c in cat_ids])
+    logger.info(
+        f"Built {len(dicts)} dataset dicts ({len(data['annotations'])} boxes) from {json_file} "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
+    return dicts
+
+
+def _replace(name: str, loader, **metadata) -> None:
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(**metadata)
+
+
+def _first_existing(root: str, candidates: Sequence[str]) -> Optional[str]:
+    for c in candidates:
+        p = os.path.join(root, c)
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def register_v3det(root: Optional[str] = None) -> None:
+    """Register ``v3det_train`` and ``v3det_val`` (re-registers if already there).
+
+    Metadata: ``json_file``, ``image_root``, ``evaluator_type="v3det"``, ``category_tree_file``
+    (the tree json; may not exist), ``train_json_file`` (frequency groups come from it) and,
+    when the names txt exists, ``thing_classes`` / ``thing_dataset_id_to_contiguous_id``
+    (ids 1..13204 -> 0..13203). ``image_count`` is set when ``v3det_train`` is loaded.
+    """
+    root = _datasets_root(root)
+    names_file = _first_existing(root, V3DET_NAMES_FILES)
+    tree_file = _first_existing(root, V3DET_TREE_FILES) or os.path.join(root, V3DET_TREE_FILES[0])
+    names = read_category_names(names_file) if names_file else None
+    image_root = os.path.join(root, "V3Det", "images")
+    for name, rel in V3DET_SPLITS.items():
+        json_file = os.path.join(root, rel)
+        meta = dict(
+            json_file=json_file,
+            image_root=image_root,
+            evaluator_type="v3det",
+            category_tree_file=tree_file,
+            train_json_file=os.path.join(root, V3DET_SPLITS["v3det_train"]),
+        )
+        if names is not None:
+            meta.update(
+                thing_classes=names,
+                thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(names))},
+                category_names_file=names_file,
+            )
+
+        def load(json_file=json_file, name=name):
+            if names is None:
+                logger.warning(
+                    f"No V3Det category-name txt under {root} ({V3DET_NAMES_FILES}); display "
+                    "names come from the json, where some names repeat"
+                )
+            return load_detection_json(
+                json_file, image_root, name, names, record_image_count=name == "v3det_train"
+            )
+
+        _replace(name, load, **meta)
+
+
+def register_synthetic_vocab(root: Optional[str] = None, **generate_kwargs) -> None:
+    """Register ``synthetic_vocab_{train,val}`` at ``<root>/synthetic_vocab``.
+
+    Loading either split generates the dataset first when the folder is absent (the demo size
+    :data:`cqdino.data.synthetic.DEMO_CONFIG`, overridable by ``generate_kwargs``).
+    """
+    root = _datasets_root(root)
+    out = os.path.join(root, "synthetic_vocab")
+    cfg = {**synthetic.DEMO_CONFIG, **generate_kwargs}
+    cats = synthetic.vocabulary(cfg["num_categories"], cfg["seed"])
+    names = [c["name"] for c in cats]
+    for split in ("train", "val"):
+        name = f"synthetic_vocab_{split}"
+        json_file = os.path.join(out, "annotations", f"synthetic_vocab_{split}.json")
+
+        def load(json_file=json_file, name=name):
+            synthetic.ensure_generated(out, **generate_kwargs)
+            return load_detection_json(
+                json_file,
+                os.path.join(out, "images"),
+                name,
+                names,
+                record_image_count=name.endswith("_train"),
+            )
+
+        _replace(
+            name,
+            load,
+            json_file=json_file,
+            image_root=os.path.join(out, "images"),
+            evaluator_type="v3det",
+            category_tree_file=os.path.join(out, "category_tree.json"),
+            train_json_file=os.path.join(out, "annotations", "synthetic_vocab_train.json"),
+            thing_classes=names,
+            thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)},
+        )

@@ -1,0 +1,184 @@
+"""DETR-style dataset mapper with strict record checks.
+
+Training augmentation (the CQ-DINO / DINO recipe): horizontal flip 0.5, shortest side random in
+480..800 step 32, longest side <= 1333; optionally DETR's crop branch (with probability 0.5:
+resize to 400/500/600, random crop 384..600, then the multi-scale resize). Test: 800 x 1333.
+
+Every record is checked before use: missing file, unreadable image, image size different from
+the record, box with width/height <= 0 or outside the image, unknown category id. A bad record
+raises :class:`RecordError` naming the image id and file, or, with ``skip_bad_records=True``, is
+skipped (the mapper returns None, so detectron2's ``MapDataset`` draws another image) and
+counted in :attr:`DetrDatasetMapper.num_skipped`. Boxes that become degenerate through
+augmentation (cropped away) are dropped.
+"""
+
+import copy
+import logging
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+
+__all__ = ["DetrDatasetMapper", "RecordError", "build_detr_augmentation"]
+
+logger = logging.getLogger(__name__)
+
+
+class RecordError(ValueError):
+    """A dataset record that cannot be used (the message names image id and file)."""
+
+
+def build_detr_augmentation(
+    is_train: bool,
+    min_sizes: Sequence[int] = tuple(range(480, 801, 32)),
+    max_size: int = 1333,
+    test_size: int = 800,
+    flip_prob: float = 0.5,
+) -> List[T.Augmentation]:
+    """The resize/flip augmentation list (without the crop branch)."""
+    if not is_train:
+        return [T.ResizeShortestEdge(test_size, max_size)]
+    augs: List[T.Augmentation] = []
+    if flip_prob > 0:
+        augs.append(T.RandomFlip(prob=flip_prob, horizontal=True))
+    augs.append(T.ResizeShortestEdge(list(min_sizes), max_size, sample_style="choice"))
+    return augs
+
+
+class DetrDatasetMapper:
+    """Map a detectron2 dataset dict to the model input (``image``, ``instances``)."""
+
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        num_classes: Optional[int] = None,
+        min_sizes: Sequence[int] = tuple(range(480, 801, 32)),
+        max_size: int = 1333,
+        test_size: int = 800,
+        flip_prob: float = 0.5,
+        crop: bool = False,
+        crop_resize: Sequence[int] = (400, 500, 600),
+        crop_size: Sequence[int] = (384, 600),
+        image_format: str = "RGB",
+        skip_bad_records: bool = False,
+        box_tolerance: float = 1.0,
+    ):
+        """
+        Args:
+            is_train: training (augment, keep annotations) or inference.
+            num_classes: category ids must lie in ``[0, num_classes)``; None: not checked.
+            min_sizes, max_size: training multi-scale resize; test_size: test shortest side.
+            flip_prob: horizontal flip probability.
+            crop: use DETR's random-crop branch (with probability 0.5).
+            crop_resize, crop_size: that branch's shortest sides and absolute crop size range.
+            image_format: detectron2 image format ("RGB", "BGR").
+            skip_bad_records: skip and count bad records instead of raising.
+            box_tolerance: pixels a box may extend outside the image (rounding in annotations).
+        """
+        self.is_train = is_train
+        self.num_classes = num_classes
+        self.image_format = image_format
+        self.skip_bad_records = skip_bad_records
+        self.box_tolerance = float(box_tolerance)
+        self.augmentation = build_detr_augmentation(
+            is_train, min_sizes, max_size, test_size, flip_prob
+        )
+        self.augmentation_with_crop = None
+        if is_train and crop:
+            resize = [a for a in self.augmentation if isinstance(a, T.ResizeShortestEdge)]
+            flips = [a for a in self.augmentation if not isinstance(a, T.ResizeShortestEdge)]
+            self.augmentation_with_crop = flips + [
+                T.ResizeShortestEdge(list(crop_resize), sample_style="choice"),
+                T.RandomCrop("absolute_range", tuple(crop_size)),
+                *resize,
+            ]
+        self.num_skipped = 0
+
+    def _fail(self, record: dict, reason: str) -> None:
+        msg = f"bad record image_id={record.get('image_id')!r} file={record.get('file_name')!r}: "
+        msg += reason
+        if not self.skip_bad_records:
+            raise RecordError(msg)
+        self.num_skipped += 1
+        logger.warning(f"{msg} (skipped; {self.num_skipped} skipped so far)")
+
+    def _check_annotations(self, record: dict, height: int, width: int) -> Optional[str]:
+        tol = self.box_tolerance
+        for i, ann in enumerate(record.get("annotations", [])):
+            try:
+                box = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYXY_ABS)
+            except (KeyError, TypeError, ValueError, AssertionError) as e:
+                return f"annotation {i}: malformed bbox ({e})"
+            x0, y0, x1, y1 = (float(v) for v in box)
+            if not all(np.isfinite([x0, y0, x1, y1])):
+                return f"annotation {i}: non-finite bbox {ann['bbox']}"
+            if x1 - x0 <= 0 or y1 - y0 <= 0:
+                return f"annotation {i}: bbox {ann['bbox']} has width or height <= 0"
+            if x0 < -tol or y0 < -tol or x1 > width + tol or y1 > height + tol:
+                return f"annotation {i}: bbox {ann['bbox']} lies outside the {width}x{height} image"
+            c = ann.get("category_id")
+            if (
+                not isinstance(c, (int, np.integer))
+                or c < 0
+                or (self.num_classes is not None and c >= self.num_classes)
+            ):
+                return f"annotation {i}: unknown category id {c!r}"
+        return None
+
+    def __call__(self, dataset_dict: dict) -> Optional[dict]:
+        """
+        Returns:
+            dict with ``image`` (3, H, W) uint8 tensor, ``height``/``width`` (original size) and,
+            in training, ``instances`` (``gt_boxes`` XYXY absolute in the augmented image,
+            ``gt_classes``); None for a skipped bad record.
+        """
+        record = copy.deepcopy(dataset_dict)
+        file_name = record.get("file_name")
+        if not file_name or not os.path.isfile(file_name):
+            return self._fail(record, "image file does not exist")
+        try:
+            image = utils.read_image(file_name, format=self.image_format)
+        except Exception as e:  # PIL raises many types for corrupt files
+            return self._fail(record, f"unreadable image ({type(e).__name__}: {e})")
+        h, w = image.shape[:2]
+        if ("height" in record and record["height"] != h) or (
+            "width" in record and record["width"] != w
+        ):
+            return self._fail(
+                record,
+                f"image is {w}x{h} but the record says "
+                f"{record.get('width')}x{record.get('height')}",
+            )
+        record.setdefault("height", h)
+        record.setdefault("width", w)
+        if self.is_train or "annotations" in record:
+            reason = self._check_annotations(record, h, w)
+            if reason is not None:
+                return self._fail(record, reason)
+
+        if self.augmentation_with_crop is not None and np.random.rand() > 0.5:
+            augs = self.augmentation_with_crop
+        else:
+            augs = self.augmentation
+        image, transforms = T.apply_transform_gens(augs, image)
+        image_shape = image.shape[:2]
+        record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+        if not self.is_train:
+            record.pop("annotations", None)
+            return record
+        annos = [
+            utils.transform_instance_annotations(obj, transforms, image_shape)
+            for obj in record.pop("annotations", [])
+            if obj.get("iscrowd", 0) == 0
+        ]
+        instances = utils.annotations_to_instances(annos, image_shape)
+        # Clip to the image, then drop boxes the crop made empty (degenerate).
+        instances.gt_boxes.clip(image_shape)
+        record["instances"] = utils.filter_empty_instances(instances, box_threshold=1e-5)
+        return record

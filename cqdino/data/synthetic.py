@@ -1,0 +1,511 @@
+"""A synthetic vast-vocabulary detection dataset (the project's embedded default).
+
+Categories are combinations ``shape x colour x texture x border`` (12 x 16 x 8 x 9 = 13,824
+combinations; ``num_categories`` up to 13,204 by default 1,000), organised in a category tree in
+the V3Det tree-json layout::
+
+    object -> shape family (round / polygon / symbol) -> shape -> shape+colour -> category
+
+The 12 shape nodes are categories too (coarse labels, as V3Det has parent categories); family,
+root and shape+colour nodes are not (so the category DAG must skip through them). Category
+frequencies are long-tailed (Zipf over a seeded random ranking: a few frequent, most rare).
+Images hold several objects at log-uniform scales; later objects occlude earlier ones, boxes are
+the *visible* extent, and objects less than ``min_visible`` visible are dropped.
+
+This data is for demos, smoke tests and controlled studies (e.g. how AP on rare categories reacts
+to a change); it is not a substitute for real data: the shapes are trivially separable by colour
+and texture once seen, and no claim about V3Det/COCO should be drawn from numbers on it.
+
+Generate with ``python -m cqdino.data.synthetic --out $DETECTRON2_DATASETS/synthetic_vocab``;
+the registered ``synthetic_vocab_{train,val}`` datasets also generate the default demo on first
+use. Output is written to a temporary folder and renamed into place (never partial).
+
+Layout of ``out_dir``::
+
+    annotations/synthetic_vocab_{train,val}.json   COCO json (categories ids 1..C)
+    images/{train,val}/<image_id>.jpg
+    category_tree.json                             V3Det tree-json layout
+    category_names.txt                             line i = name of category id i+1
+    meta.json                                      generation parameters
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["generate", "vocabulary", "category_tree_dict", "DEMO_CONFIG", "ensure_generated"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+SHAPE_FAMILIES = {
+    "round shape": ["circle", "ellipse", "ring", "crescent"],
+    "polygon": ["triangle", "square", "diamond", "pentagon", "hexagon"],
+    "symbol": ["star", "cross", "arrow"],
+}
+SHAPES = [s for fam in SHAPE_FAMILIES.values() for s in fam]
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 215, 40),
+    "orange": (245, 140, 30),
+    "purple": (140, 50, 180),
+    "cyan": (40, 200, 210),
+    "magenta": (220, 50, 180),
+    "brown": (130, 80, 40),
+    "pink": (245, 160, 190),
+    "lime": (160, 230, 50),
+    "navy": (20, 30, 110),
+    "teal": (20, 120, 120),
+    "olive": (120, 120, 30),
+    "grey": (128, 128, 128),
+    "white": (245, 245, 245),
+}
+TEXTURES = ["solid", "h-striped", "v-striped", "diagonal", "checkered", "dotted", "grid", "shaded"]
+BORDERS = [
+    ("", 0, None),
+    ("thin dark border", 1, (10, 10, 10)),
+    ("dark border", 2, (10, 10, 10)),
+    ("thick dark border", 4, (10, 10, 10)),
+    ("thin light border", 1, (250, 250, 250)),
+    ("light border", 2, (250, 250, 250)),
+    ("thick light border", 4, (250, 250, 250)),
+    ("thin contrast border", 1, "complement"),
+    ("thick contrast border", 4, "complement"),
+]
+NUM_COMBINATIONS = len(SHAPES) * len(COLOURS) * len(TEXTURES) * len(BORDERS)  # 13,824
+MAX_CATEGORIES = len(SHAPES) + NUM_COMBINATIONS
+
+DEMO_CONFIG = dict(
+    num_categories=1000, num_train_images=2000, num_val_images=500, image_size=(256, 320), seed=0
+)
+
+
+def _leaf_combinations(num_leaves: int, seed: int) -> List[Tuple[int, int, int, int]]:
+    """``num_leaves`` distinct (shape, colour, texture, border) index tuples, seeded."""
+    rng = np.random.default_rng([seed, 1])
+    chosen = np.sort(rng.choice(NUM_COMBINATIONS, size=num_leaves, replace=False))
+    dims = (len(SHAPES), len(COLOURS), len(TEXTURES), len(BORDERS))
+    return [tuple(int(x) for x in np.unravel_index(i, dims)) for i in chosen]
+
+
+def vocabulary(num_categories: int = 1000, seed: int = 0) -> List[dict]:
+    """The category list (without generating images).
+
+    Returns:
+        list of dicts ``{"id", "name", "node", "parent_node", "combo"}`` for ids 1..C: first the
+        12 shape categories (combo None), then the leaf categories.
+    """
+    if not len(SHAPES) < num_categories <= MAX_CATEGORIES:
+        raise ValueError(
+            f"num_categories must be in ({len(SHAPES)}, {MAX_CATEGORIES}], got {num_categories}"
+        )
+    cats = []
+    for s, shape in enumerate(SHAPES):
+        cats.append(dict(id=s + 1, name=shape, node=f"syn.{shape}", combo=None))
+    colours = list(COLOURS)
+    for combo in _leaf_combinations(num_categories - len(SHAPES), seed):
+        s, c, t, b = combo
+        name = f"{colours[c]} {TEXTURES[t]} {SHAPES[s]}"
+        if BORDERS[b][0]:
+            name += f" with {BORDERS[b][0]}"
+        node = f"syn.{SHAPES[s]}.{colours[c]}.{TEXTURES[t]}.b{b}"
+        cats.append(dict(id=len(cats) + 1, name=name, node=node, combo=combo))
+    return cats
+
+
+def category_tree_dict(cats: List[dict]) -> dict:
+    """The category tree of :func:`vocabulary` in the V3Det tree-json layout."""
+    colours = list(COLOURS)
+    parent: Dict[str, List[str]] = {"syn.object": []}
+    names = {"syn.object": "object"}
+    for fam, shapes in SHAPE_FAMILIES.items():
+        fnode = "syn." + fam.replace(" ", "_")
+        parent[fnode] = ["syn.object"]
+        names[fnode] = fam
+        for shape in shapes:
+            parent[f"syn.{shape}"] = [fnode]
+            names[f"syn.{shape}"] = shape
+    for cat in cats:
+        if cat["combo"] is None:
+            continue
+        s, c, _, _ = cat["combo"]
+        mid = f"syn.{SHAPES[s]}.{colours[c]}"  # a non-category node between shape and leaf
+        if mid not in parent:
+            parent[mid] = [f"syn.{SHAPES[s]}"]
+            names[mid] = f"{colours[c]} {SHAPES[s]}"
+        parent[cat["node"]] = [mid]
+        names[cat["node"]] = cat["name"]
+    children: Dict[str, List[str]] = {}
+    for node, ps in parent.items():
+        for p in ps:
+            children.setdefault(p, []).append(node)
+    anc: Dict[str, List[str]] = {}
+    for node in parent:  # single-parent tree: walk up
+        chain, x = [], node
+        while parent[x]:
+            x = parent[x][0]
+            chain.append(x)
+        anc[node] = chain
+    desc: Dict[str, List[str]] = {}
+    for node, chain in anc.items():
+        for a in chain:
+            desc.setdefault(a, []).append(node)
+    return {
+        "categoryid2treeid": {str(c["id"]): c["node"] for c in cats},
+        "id2name": names,
+        "father2child": children,
+        "child2father": {k: v for k, v in parent.items() if v},
+        "ancestor2descendant": desc,
+        "descendant2ancestor": {k: v for k, v in anc.items() if v},
+    }
+
+
+# ---------------------------------------------------------------------------- rendering
+def _shape_polygon(shape: str, size: int, rng: np.random.Generator) -> List[Tuple[float, float]]:
+    r = size / 2.0
+    cx = cy = r
+    if shape == "triangle":
+        n, start = 3, -math.pi / 2
+    elif shape == "square":
+        n, start = 4, math.pi / 4
+    elif shape == "diamond":
+        n, start = 4, 0.0
+    elif shape == "pentagon":
+        n, start = 5, -math.pi / 2
+    elif shape == "hexagon":
+        n, start = 6, 0.0
+    elif shape == "star":
+        pts = []
+        for i in range(10):
+            a = -math.pi / 2 + i * math.pi / 5
+            rr = r if i % 2 == 0 else r * 0.42
+            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+        return pts
+    elif shape == "cross":
+        a, b = r * 0.35, r
+        rel = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a)]
+        rel += [(-b, a), (-b, -a), (-a, -a)]
+        return [(cx + x, cy + y) for x, y in rel]
+    elif shape == "arrow":
+        rel = [(-r, -0.3 * r), (0.1 * r, -0.3 * r), (0.1 * r, -r), (r, 0), (0.1 * r, r)]
+        rel += [(0.1 * r, 0.3 * r), (-r, 0.3 * r)]
+        return [(cx + x, cy + y) for x, y in rel]
+    else:  # pragma: no cover
+        raise ValueError(shape)
+    return [
+        (
+            cx + r * math.cos(start + 2 * math.pi * i / n),
+            cy + r * math.sin(start + 2 * math.pi * i / n),
+        )
+        for i in range(n)
+    ]
+
+
+def _shape_mask(shape: str, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
+    """(h, w) bool mask of a shape filling a w x h patch."""
+    size = max(w, h) * 2  # draw large, then resize (cheap anti-aliasing, any aspect ratio)
+    img = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(img)
+    if shape == "circle":
+        d.ellipse([0, 0, size - 1, size - 1], fill=255)
+    elif shape == "ellipse":
+        d.ellipse([0, size * 0.2, size - 1, size * 0.8], fill=255)
+    elif shape == "ring":
+        d.ellipse([0, 0, size - 1, size - 1], fill=255)
+        d.ellipse([size * 0.3, size * 0.3, size * 0.7, size * 0.7], fill=0)
+    elif shape == "crescent":
+        d.ellipse([0, 0, size - 1, size - 1], fill=255)
+        d.ellipse([size * 0.3, -size * 0.05, size * 1.2, size * 0.95], fill=0)
+    else:
+        d.polygon(_shape_polygon(shape, size - 1, rng), fill=255)
+    img = img.resize((w, h), Image.BILINEAR)
+    return np.asarray(img) >= 128
+
+
+def _texture(texture: str, colour: np.ndarray, w: int, h: int, period: int) -> np.ndarray:
+    """(h, w, 3) float32 colour patch with the texture."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    dark = colour * 0.45
+    if texture == "solid":
+        sel = np.zeros((h, w), bool)
+    elif texture == "h-striped":
+        sel = (yy // period) % 2 == 1
+    elif texture == "v-striped":
+        sel = (xx // period) % 2 == 1
+    elif texture == "diagonal":
+        sel = ((xx + yy) // period) % 2 == 1
+    elif texture == "checkered":
+        sel = ((xx // period) + (yy // period)) % 2 == 1
+    elif texture == "dotted":
+        sel = ((xx % (2 * period) - period) ** 2 + (yy % (2 * period) - period) ** 2) < (
+            0.5 * period
+        ) ** 2
+    elif texture == "grid":
+        sel = (xx % (2 * period) == 0) | (yy % (2 * period) == 0)
+    elif texture == "shaded":
+        t = (xx / max(w - 1, 1))[..., None].astype(np.float32)
+        return (colour * (1 - 0.6 * t)).astype(np.float32)
+    else:  # pragma: no cover
+        raise ValueError(texture)
+    out = np.broadcast_to(colour, (h, w, 3)).astype(np.float32).copy()
+    out[sel] = dark
+    return out
+
+
+def _border_mask(mask: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of ``mask`` within ``width`` pixels of its outside."""
+    inner = mask.copy()
+    for _ in range(width):
+        shrunk = inner.copy()
+        shrunk[1:, :] &= inner[:-1, :]
+        shrunk[:-1, :] &= inner[1:, :]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        shrunk[0, :] = shrunk[-1, :] = False
+        shrunk[:, 0] = shrunk[:, -1] = False
+        inner = shrunk
+    return mask & ~inner
+
+
+def _render_image(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    cats: List[dict],
+    probs: np.ndarray,
+    max_objects: int,
+    coarse_label_prob: float,
+    min_visible: float,
+) -> Tuple[np.ndarray, List[dict]]:
+    """One image and its annotations (bbox xywh of the visible extent, category id)."""
+    colours = np.asarray(list(COLOURS.values()), np.float32)
+    # Background: a smooth random gradient plus mild noise.
+    c0, c1 = rng.uniform(60, 200, size=(2, 3)).astype(np.float32)
+    t = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    img = np.broadcast_to(c0 * (1 - t) + c1 * t, (height, width, 3)).copy()
+    img += rng.standard_normal(size=img.shape, dtype=np.float32) * 6
+
+    n = int(rng.integers(1, max_objects + 1))
+    leaf_ids = rng.choice(len(cats), size=n, p=probs)
+    owner = np.full((height, width), -1, np.int32)  # which object each pixel shows
+    objects = []
+    short = min(width, height)
+    for k, ci in enumerate(leaf_ids):
+        cat = cats[ci]
+        s, c, tex, b = cat["combo"]
+        # Log-uniform scale from ~10 px to ~70% of the short side; mild aspect jitter.
+        size = float(np.exp(rng.uniform(np.log(10), np.log(0.7 * short))))
+        aspect = float(np.exp(rng.uniform(-0.3, 0.3)))
+        w = max(6, min(width, int(round(size * aspect))))
+        h = max(6, min(height, int(round(size / aspect))))
+        x0 = int(rng.integers(0, width - w + 1))
+        y0 = int(rng.integers(0, height - h + 1))
+        mask = _shape_mask(SHAPES[s], w, h, rng)
+        if not mask.any():
+            continue
+        period = max(2, int(round(min(w, h) / rng.uniform(5, 9))))
+        patch = _texture(TEXTURES[tex], colours[c], w, h, period)
+        _, bw, bcol = BORDERS[b]
+        if bw:
+            bm = _border_mask(mask, bw)
+            if isinstance(bcol, str):
+                bcol = 255 - colours[c]
+            patch[bm] = bcol
+        region = img[y0 : y0 + h, x0 : x0 + w]
+        region[mask] = patch[mask]
+        owner[y0 : y0 + h, x0 : x0 + w][mask] = k
+        label = cat["id"]
+        if coarse_label_prob > 0 and rng.random() < coarse_label_prob:
+            label = s + 1  # annotated only at the shape level (a parent category)
+        objects.append((k, int(mask.sum()), label, x0, y0, w, h))
+
+    anns = []
+    for k, full_area, label, x0, y0, w, h in objects:
+        ys, xs = np.nonzero(owner[y0 : y0 + h, x0 : x0 + w] == k)
+        if len(ys) < max(min_visible * full_area, 4):
+            continue  # mostly occluded: not annotated (like a real annotator would skip it)
+        x1, y1 = x0 + xs.min(), y0 + ys.min()
+        x2, y2 = x0 + xs.max() + 1, y0 + ys.max() + 1
+        anns.append(
+            dict(
+                bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                category_id=int(label),
+                area=float((x2 - x1) * (y2 - y1)),
+                iscrowd=0,
+            )
+        )
+    return np.clip(img, 0, 255).astype(np.uint8), anns
+
+
+def _zipf_probs(num: int, alpha: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 2])
+    rank = rng.permutation(num) + 1
+    p = 1.0 / rank.astype(np.float64) ** alpha
+    return p / p.sum()
+
+
+def generate(
+    out_dir: str,
+    num_categories: int = 1000,
+    num_train_images: int = 2000,
+    num_val_images: int = 500,
+    seed: int = 0,
+    image_size: Tuple[int, int] = (256, 320),
+    max_objects: int = 8,
+    zipf_alpha: float = 1.1,
+    coarse_label_prob: float = 0.03,
+    min_visible: float = 0.3,
+    overwrite: bool = False,
+) -> str:
+    """Generate the dataset into ``out_dir`` (atomically: temp folder, then rename).
+
+    Args:
+        out_dir: destination folder (must not exist unless ``overwrite``).
+        num_categories: total categories C (12 shape categories + C-12 leaves), 13 .. 13,836.
+        num_train_images, num_val_images: images per split.
+        seed: everything is a deterministic function of the arguments.
+        image_size: (min, max) of the random image width and height in pixels.
+        max_objects: objects per image are uniform in 1..max_objects (before occlusion drops).
+        zipf_alpha: long-tail exponent of the leaf-category frequencies.
+        coarse_label_prob: probability an object is labelled with its shape category (parent).
+        min_visible: objects with a smaller visible fraction are not annotated.
+    Returns:
+        ``out_dir``.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    lo, hi = image_size
+    if not 16 <= lo <= hi:
+        raise ValueError(f"image_size must be (min, max) with 16 <= min <= max, got {image_size}")
+    if max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    cats = vocabulary(num_categories, seed)
+    leaves = [c for c in cats if c["combo"] is not None]
+    probs = _zipf_probs(len(leaves), zipf_alpha, seed)
+    params = dict(
+        format_version=FORMAT_VERSION,
+        num_categories=num_categories,
+        num_train_images=num_train_images,
+        num_val_images=num_val_images,
+        seed=seed,
+        image_size=list(image_size),
+        max_objects=max_objects,
+        zipf_alpha=zipf_alpha,
+        coarse_label_prob=coarse_label_prob,
+        min_visible=min_visible,
+    )
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".synthetic_vocab-", dir=parent)
+    try:
+        os.makedirs(os.path.join(tmp, "annotations"))
+        categories = [dict(id=c["id"], name=c["name"]) for c in cats]
+        ann_id = 1
+        for split_idx, (split, num) in enumerate(
+            [("train", num_train_images), ("val", num_val_images)]
+        ):
+            os.makedirs(os.path.join(tmp, "images", split))
+            images, annotations = [], []
+            for i in range(num):
+                rng = np.random.default_rng([seed, 100 + split_idx, i])
+                w = int(rng.integers(lo, hi + 1))
+                h = int(rng.integers(lo, hi + 1))
+                pixels, anns = _render_image(
+                    rng, w, h, leaves, probs, max_objects, coarse_label_prob, min_visible
+                )
+                image_id = i + 1
+                file_name = f"{split}/{image_id:06d}.jpg"
+                Image.fromarray(pixels).save(os.path.join(tmp, "images", file_name), quality=92)
+                images.append(dict(id=image_id, file_name=file_name, width=w, height=h))
+                for a in anns:
+                    a.update(id=ann_id, image_id=image_id)
+                    ann_id += 1
+                    annotations.append(a)
+            with open(os.path.join(tmp, "annotations", f"synthetic_vocab_{split}.json"), "w") as f:
+                json.dump(dict(images=images, annotations=annotations, categories=categories), f)
+        with open(os.path.join(tmp, "category_tree.json"), "w") as f:
+            json.dump(category_tree_dict(cats), f)
+        with open(os.path.join(tmp, "category_names.txt"), "w") as f:
+            f.write("".join(c["name"] + "\n" for c in cats))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(params, f, indent=1)
+        if os.path.exists(out_dir):  # overwrite: move the old one away first
+            old = tempfile.mkdtemp(prefix=".synthetic_vocab-old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "d"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def ensure_generated(out_dir: str, **kwargs) -> str:
+    """Generate ``out_dir`` with :data:`DEMO_CONFIG` (overridden by ``kwargs``) unless it exists.
+
+    An existing folder made with other parameters is an error (delete it or generate explicitly).
+    """
+    cfg = {**DEMO_CONFIG, **kwargs}
+    meta_file = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_file):
+        with open(meta_file) as f:
+            meta = json.load(f)
+        want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+        diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"{out_dir} was generated with other parameters {diff} (found, wanted); "
+                "delete it or regenerate with `python -m cqdino.data.synthetic --out ...`"
+            )
+        return out_dir
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"{out_dir} exists but has no meta.json: not a generated dataset")
+    logger.info(f"Generating the synthetic vast-vocabulary dataset into {out_dir} ...")
+    t0 = time.perf_counter()
+    try:
+        generate(out_dir, **cfg)
+    except OSError:
+        if not os.path.exists(meta_file):  # not another process finishing first
+            raise
+    logger.info(f"... done in {time.perf_counter() - t0:.1f} s")
+    return out_dir
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder, e.g. datasets/synthetic_vocab")
+    p.add_argument("--num-categories", type=int, default=DEMO_CONFIG["num_categories"])
+    p.add_argument("--num-train-images", type=int, default=DEMO_CONFIG["num_train_images"])
+    p.add_argument("--num-val-images", type=int, default=DEMO_CONFIG["num_val_images"])
+    p.add_argument("--seed", type=int, default=DEMO_CONFIG["seed"])
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    generate(
+        a.out,
+        num_categories=a.num_categories,
+        num_train_images=a.num_train_images,
+        num_val_images=a.num_val_images,
+        seed=a.seed,
+        overwrite=a.overwrite,
+    )
+    print(f"wrote {a.out} in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Evaluation: the V3Det-style evaluator (COCO uses detectron2's ``COCOEvaluator``)."""
+
+from .v3det_evaluation import BoxArrays, V3DetEvaluator, evaluate_boxes
+
+__all__ = ["BoxArrays", "V3DetEvaluator", "evaluate_boxes"]

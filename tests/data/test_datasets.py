@@ -1,0 +1,196 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+from detectron2.data.samplers import RepeatFactorTrainingSampler
+from detectron2.structures import BoxMode
+
+from cqdino.data import (
+    CategoryTree,
+    image_counts_from_json,
+    load_detection_json,
+    read_category_names,
+    register_synthetic_vocab,
+    register_v3det,
+    repeat_factors_from_category_frequency,
+    synthetic,
+)
+
+
+def test_v3det_names_txt(shared_data):
+    txt = shared_data / "categories" / "category_name_13204_v3det_2023_v1.txt"
+    names = read_category_names(txt)
+    assert len(names) == 13204
+    assert names[0] == "ashtray" and names[1] == "cash machine"
+    assert not any("\r" in n or "\n" in n for n in names)
+    with open(shared_data / "categories" / "v3det_2023_v1_train_cat_info.json") as f:
+        info = json.load(f)
+    # The info file's names are the json's names; most agree with the txt (40 differ).
+    differ = sum(1 for c in info if c["name"] != names[c["id"] - 1])
+    assert 0 < differ <= 60
+
+
+def test_loader_matches_detectron2_coco_loader(shared_data):
+    root = shared_data / "coco8"
+    jf = str(root / "annotations" / "coco8_val.json")
+    ours = load_detection_json(jf, str(root))
+    ref = load_coco_json(jf, str(root), "coco8_ref_for_test")
+    ref_map = MetadataCatalog.get("coco8_ref_for_test").thing_dataset_id_to_contiguous_id
+    assert len(ours) == len(ref) == 4
+    ref_by_id = {d["image_id"]: d for d in ref}
+    for d in ours:
+        r = ref_by_id[d["image_id"]]
+        assert d["file_name"] == r["file_name"]
+        assert (d["height"], d["width"]) == (r["height"], r["width"])
+        got = [(a["category_id"], tuple(a["bbox"])) for a in d["annotations"]]
+        exp = [(a["category_id"], tuple(a["bbox"])) for a in r["annotations"]]
+        assert got == exp
+        assert all(a["bbox_mode"] == BoxMode.XYWH_ABS for a in d["annotations"])
+    with open(jf) as f:
+        ids = sorted(c["id"] for c in json.load(f)["categories"])
+    assert ref_map == {c: i for i, c in enumerate(ids)}
+
+
+def _write_v3det(root, anns_extra=()):
+    cats = [{"id": i, "name": n} for i, n in [(1, "door"), (2, "cat"), (3, "door")]]
+    images = [
+        {"id": 10, "file_name": "a/1.jpg", "height": 50, "width": 60},
+        {"id": 11, "file_name": "b/2.jpg", "height": 50, "width": 60},
+    ]
+    anns = [
+        {"id": 1, "image_id": 10, "category_id": 3, "bbox": [1, 2, 10, 20], "iscrowd": 0},
+        {"id": 2, "image_id": 10, "category_id": 3, "bbox": [5, 5, 10, 10], "iscrowd": 0},
+        {"id": 3, "image_id": 11, "category_id": 3, "bbox": [5, 5, 10, 10], "iscrowd": 0},
+        {"id": 4, "image_id": 11, "category_id": 1, "bbox": [5, 5, 10, 10], "iscrowd": 0},
+        *anns_extra,
+    ]
+    ann_dir = root / "V3Det" / "annotations"
+    ann_dir.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        data = {"images": images, "annotations": anns, "categories": cats}
+        (ann_dir / f"v3det_2023_v1_{split}.json").write_text(json.dumps(data))
+    (root / "V3Det" / "category_name_13204_v3det_2023_v1.txt").write_bytes(
+        b"door\r\ncat\r\nsliding door\r\n"
+    )
+
+
+def test_register_v3det(tmp_path):
+    _write_v3det(tmp_path)
+    register_v3det(str(tmp_path))
+    try:
+        meta = MetadataCatalog.get("v3det_val")
+        assert meta.thing_classes == ["door", "cat", "sliding door"]  # from the txt, not json
+        assert meta.thing_dataset_id_to_contiguous_id == {1: 0, 2: 1, 3: 2}
+        assert meta.category_tree_file.endswith("v3det_2023_v1_category_tree.json")
+        dicts = DatasetCatalog.get("v3det_train")
+        assert [d["image_id"] for d in dicts] == [10, 11]
+        assert dicts[0]["file_name"] == os.path.join(str(tmp_path), "V3Det", "images", "a/1.jpg")
+        assert [a["category_id"] for a in dicts[1]["annotations"]] == [2, 0]
+        # image counts per category: id1 -> 1 image, id2 -> 0, id3 -> 2 images (train only)
+        assert MetadataCatalog.get("v3det_train").image_count == [1, 0, 2]
+        DatasetCatalog.get("v3det_val")
+        assert not hasattr(MetadataCatalog.get("v3det_val"), "image_count")
+        assert image_counts_from_json(meta.train_json_file) == {1: 1, 2: 0, 3: 2}
+    finally:
+        register_v3det()  # back to the default root
+
+
+def test_loader_rejects_unknown_ids(tmp_path):
+    _write_v3det(tmp_path, [{"id": 9, "image_id": 11, "category_id": 77, "bbox": [0, 0, 1, 1]}])
+    jf = str(tmp_path / "V3Det" / "annotations" / "v3det_2023_v1_val.json")
+    with pytest.raises(ValueError, match="annotation 9 of image 11 has unknown category id 77"):
+        load_detection_json(jf, str(tmp_path))
+    _write_v3det(tmp_path, [{"id": 8, "image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1]}])
+    with pytest.raises(ValueError, match="annotation 8 refers to unknown image id 99"):
+        load_detection_json(jf, str(tmp_path))
+
+
+def test_repeat_factors_match_detectron2():
+    rng = np.random.default_rng(0)
+    dicts = []
+    for _ in range(200):
+        n = int(rng.integers(0, 5))
+        cats = rng.zipf(1.5, size=n) % 40
+        dicts.append({"annotations": [{"category_id": int(c)} for c in cats]})
+    for t in (1e-3, 0.05, 0.3):
+        ours = repeat_factors_from_category_frequency(dicts, t)
+        ref = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, t)
+        np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-6)
+    # Hand case: 4 images; category 7 in 1 of 4 images -> f = 0.25, t = 1 -> r = 2.
+    hand = [{"annotations": [{"category_id": 7}, {"category_id": 1}]}] + [
+        {"annotations": [{"category_id": 1}]}
+    ] * 2 + [{"annotations": []}]
+    r1 = (1 / 0.75) ** 0.5  # category 1 is in 3 of 4 images
+    np.testing.assert_allclose(
+        repeat_factors_from_category_frequency(hand, 1.0).numpy(), [2.0, r1, r1, 1.0], rtol=1e-6
+    )
+    with pytest.raises(ValueError):
+        repeat_factors_from_category_frequency(hand, 0.0)
+
+
+SMALL = dict(num_categories=60, num_train_images=24, num_val_images=8, seed=3)
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_synthetic_generator_deterministic_and_valid(tmp_path):
+    a = synthetic.generate(tmp_path / "a", **SMALL)
+    b = synthetic.generate(tmp_path / "b", **SMALL)
+    c = synthetic.generate(tmp_path / "c", **{**SMALL, "seed": 4})
+    for rel in ("annotations/synthetic_vocab_train.json", "images/train/000005.jpg"):
+        assert _read(os.path.join(a, rel)) == _read(os.path.join(b, rel))
+        assert _read(os.path.join(a, rel)) != _read(os.path.join(c, rel))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp leftovers
+    with open(os.path.join(a, "annotations", "synthetic_vocab_train.json")) as f:
+        data = json.load(f)
+    assert len(data["categories"]) == 60 and len(data["images"]) == 24
+    sizes = {im["id"]: (im["width"], im["height"]) for im in data["images"]}
+    per_image = {}
+    for ann in data["annotations"]:
+        x, y, w, h = ann["bbox"]
+        W, H = sizes[ann["image_id"]]
+        assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= W and y + h <= H
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+    assert max(per_image.values()) >= 3  # several objects per image
+    from PIL import Image
+
+    im = data["images"][0]
+    with Image.open(os.path.join(a, "images", im["file_name"])) as img:
+        assert img.size == (im["width"], im["height"])
+
+    tree = CategoryTree.from_v3det_json(os.path.join(a, "category_tree.json"))
+    assert tree.num_categories == 60
+    dag = tree.category_dag()
+    # Shape categories (ids 1..12) are parents of leaves through a non-category node.
+    assert max(dag.height) == 1 and len(dag.levels[1]) >= 10
+    assert all(tree.parents(c)[0].count(".") == 2 for c in range(13, 61))
+
+
+def test_synthetic_vocabulary_long_tail():
+    cats = synthetic.vocabulary(13204)
+    assert len(cats) == 13204 and len({c["name"] for c in cats}) == 13204
+    probs = synthetic._zipf_probs(1000, 1.1, 0)
+    top = np.sort(probs)[::-1]
+    assert top[:10].sum() > 0.2 and (probs < 1 / 1000).mean() > 0.8  # few frequent, most rare
+    with pytest.raises(ValueError):
+        synthetic.vocabulary(10)
+
+
+def test_synthetic_registration_generates_on_first_use(tmp_path):
+    register_synthetic_vocab(str(tmp_path), **SMALL)
+    try:
+        dicts = DatasetCatalog.get("synthetic_vocab_val")
+        assert len(dicts) == 8 and os.path.isfile(dicts[0]["file_name"])
+        meta = MetadataCatalog.get("synthetic_vocab_val")
+        assert len(meta.thing_classes) == 60 and os.path.isfile(meta.category_tree_file)
+        assert len(DatasetCatalog.get("synthetic_vocab_train")) == 24
+        with pytest.raises(ValueError, match="other parameters"):
+            synthetic.ensure_generated(str(tmp_path / "synthetic_vocab"), **{**SMALL, "seed": 9})
+    finally:
+        register_synthetic_vocab()

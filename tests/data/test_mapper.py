@@ -1,0 +1,109 @@
+import copy
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cqdino.data import DetrDatasetMapper, RecordError, load_detection_json
+
+
+@pytest.fixture(scope="module")
+def coco8(shared_data):
+    root = shared_data / "coco8"
+    return load_detection_json(str(root / "annotations" / "coco8_train.json"), str(root))
+
+
+def _xyxy(record):
+    return np.array([[a[0], a[1], a[0] + a[2], a[1] + a[3]] for a in [x["bbox"] for x in record]])
+
+
+def test_train_resize_and_boxes(coco8):
+    mapper = DetrDatasetMapper(True, flip_prob=0.0, num_classes=80)
+    np.random.seed(0)
+    for rec in coco8:
+        for _ in range(3):
+            out = mapper(rec)
+            _, h, w = out["image"].shape
+            H, W = rec["height"], rec["width"]
+            # Shortest side in 480..800 step 32 unless the 1333 cap on the long side binds.
+            if max(h, w) < 1333:
+                assert min(h, w) in range(480, 801, 32)
+            assert max(h, w) <= 1333
+            scale = np.array([w / W, h / H, w / W, h / H])
+            expect = _xyxy(rec["annotations"]) * scale
+            got = out["instances"].gt_boxes.tensor.numpy()
+            np.testing.assert_allclose(got, expect, rtol=1e-3, atol=1.0)
+            assert out["instances"].gt_classes.tolist() == [
+                a["category_id"] for a in rec["annotations"]
+            ]
+
+
+def test_flip_mirrors_boxes(coco8):
+    rec = coco8[0]
+    out = DetrDatasetMapper(True, flip_prob=1.0, min_sizes=(rec["height"],), max_size=10000)(rec)
+    W = rec["width"]
+    b = _xyxy(rec["annotations"])
+    expect = np.stack([W - b[:, 2], b[:, 1], W - b[:, 0], b[:, 3]], 1)
+    np.testing.assert_allclose(out["instances"].gt_boxes.tensor.numpy(), expect, atol=1e-3)
+    img = np.asarray(Image.open(rec["file_name"]).convert("RGB"))
+    np.testing.assert_array_equal(out["image"].numpy().transpose(1, 2, 0), img[:, ::-1])
+
+
+def test_test_mode_and_crop_branch(coco8):
+    out = DetrDatasetMapper(False)(coco8[0])
+    assert min(out["image"].shape[1:]) == 800 or max(out["image"].shape[1:]) == 1333
+    assert "instances" not in out and "annotations" not in out
+    mapper = DetrDatasetMapper(True, crop=True)
+    np.random.seed(1)
+    cropped_any = False
+    # Small boxes all over the image, so that random crops cut some of them away.
+    grid = copy.deepcopy(coco8[0])
+    H, W = grid["height"], grid["width"]
+    grid["annotations"] = [
+        dict(grid["annotations"][0], bbox=[x, y, 12.0, 12.0])
+        for x in np.linspace(0, W - 13, 6).tolist()
+        for y in np.linspace(0, H - 13, 6).tolist()
+    ]
+    for _ in range(8):
+        for rec in coco8 + [grid]:
+            inst = mapper(rec)["instances"]
+            boxes = inst.gt_boxes.tensor
+            h, w = inst.image_size
+            # Degenerate (cropped-away) boxes are dropped; the rest lie in the image.
+            assert ((boxes[:, 2] - boxes[:, 0]) > 0).all() and (
+                (boxes[:, 3] - boxes[:, 1]) > 0
+            ).all()
+            assert (
+                (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+            )
+            cropped_any |= len(inst) < len(rec["annotations"])
+    assert cropped_any
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda r, p: r.update(file_name=str(p / "missing.jpg")), "does not exist"),
+        (lambda r, p: r.update(file_name=_garbage(p)), "unreadable image"),
+        (lambda r, p: r["annotations"][0].update(bbox=[10, 10, 0, 5]), "width or height <= 0"),
+        (lambda r, p: r["annotations"][0].update(bbox=[600, 10, 100, 5]), "outside"),
+        (lambda r, p: r["annotations"][0].update(category_id=80), "unknown category id 80"),
+        (lambda r, p: r.update(height=r["height"] + 7), "record says"),
+    ],
+)
+def test_bad_records(coco8, tmp_path, mutate, reason):
+    rec = copy.deepcopy(coco8[0])
+    mutate(rec, tmp_path)
+    with pytest.raises(RecordError, match=reason) as e:
+        DetrDatasetMapper(True, num_classes=80)(rec)
+    assert f"image_id={rec['image_id']!r}" in str(e.value) and rec["file_name"] in str(e.value)
+    skipper = DetrDatasetMapper(True, num_classes=80, skip_bad_records=True)
+    assert skipper(rec) is None and skipper(rec) is None
+    assert skipper.num_skipped == 2
+    assert skipper(coco8[1]) is not None and skipper.num_skipped == 2
+
+
+def _garbage(path):
+    f = path / "broken.jpg"
+    f.write_bytes(b"\xff\xd8 not really a jpeg")
+    return str(f)
