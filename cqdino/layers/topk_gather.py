@@ -1,6 +1,9 @@
 """Top-K category selection with gather, and batched contrastive logits.
 
-This file fixes the public API; the functions currently run their pure-PyTorch references.
+:func:`topk_category_gather` runs the fused ``torch.ops.cqdino.topk_category_gather`` kernel
+(CPU and CUDA, one launch on CUDA, no host sync) and falls back to its pure-PyTorch reference
+when the compiled extension is unavailable. :func:`contrastive_logits` is one batched GEMM with
+the scale and bias fused (``baddbmm``) plus an in-place mask.
 """
 
 import math
@@ -8,6 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from cqdino import _ext
 
 __all__ = [
     "topk_category_gather",
@@ -26,7 +31,8 @@ def _check_topk_inputs(scores: Tensor, embeddings: Tensor, k: int, force: Option
     if embeddings.dim() == 3:
         if embeddings.shape[:2] != (B, C):
             raise ValueError(
-                f"per-image embeddings must be [B, C, D] = [{B}, {C}, D], got {tuple(embeddings.shape)}"
+                f"per-image embeddings must be [B, C, D] = [{B}, {C}, D], "
+                f"got {tuple(embeddings.shape)}"
             )
     elif embeddings.dim() == 2:
         if embeddings.shape[0] != C:
@@ -37,14 +43,15 @@ def _check_topk_inputs(scores: Tensor, embeddings: Tensor, k: int, force: Option
         raise ValueError(f"embeddings must be [B, C, D] or [C, D], got {tuple(embeddings.shape)}")
     if embeddings.device != scores.device:
         raise ValueError(f"scores are on {scores.device} but embeddings on {embeddings.device}")
-    if not isinstance(k, int) or k <= 0 or k > C:
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0 or k > C:
         raise ValueError(
             f"k must be an int in [1, C={C}], got {k!r} (pass min(k, C) for 'k or fewer')"
         )
     if force is not None:
         if force.shape != (B, C) or force.dtype != torch.bool:
             raise ValueError(
-                f"force must be a bool [B, C] = [{B}, {C}] mask, got {force.dtype} {tuple(force.shape)}"
+                f"force must be a bool [B, C] = [{B}, {C}] mask, "
+                f"got {force.dtype} {tuple(force.shape)}"
             )
         if force.device != scores.device:
             raise ValueError(f"force is on {force.device} but scores on {scores.device}")
@@ -104,9 +111,19 @@ def topk_category_gather(
     Returns:
         ``indices`` ``[B, k]`` int64 sorted by score descending (ties: lower index first;
         NaN ranks lowest) and ``gathered`` ``[B, k, D]`` in the embeddings' dtype,
-        differentiable w.r.t. ``embeddings``.
+        differentiable w.r.t. ``embeddings``. The gradient is scattered back to the selected
+        rows; with shared ``[C, D]`` embeddings, rows picked by several images accumulate in a
+        fixed order (bitwise deterministic on CPU and CUDA). ``scores`` get no gradient.
+
+    On CUDA the op makes no host sync; ``check_finite`` is then ignored (NaN scores still rank
+    lowest) and ``k`` may be at most 8192 (4096 with float64 scores).
     """
-    return topk_category_gather_reference(scores, embeddings, k, force, check_finite)
+    _check_topk_inputs(scores, embeddings, k, force)
+    if check_finite and scores.device.type == "cpu" and bool(torch.isnan(scores).any()):
+        raise ValueError("topk_category_gather: scores contain NaN")
+    if not _ext.use_ext("topk_category_gather", scores.device.type):
+        return topk_category_gather_reference(scores, embeddings, k, force, check_finite=False)
+    return torch.ops.cqdino.topk_category_gather(scores.detach(), embeddings, k, force)
 
 
 def contrastive_logits_reference(
@@ -142,4 +159,83 @@ def contrastive_logits(
     Returns:
         ``[B, Q, K]`` or ``[N, B, Q, K]``; differentiable in queries, categories and bias.
     """
-    return contrastive_logits_reference(queries, categories, bias, valid)
+    _check_logits_inputs(queries, categories, bias, valid)
+    D = queries.shape[-1]
+    B, K = categories.shape[:2]
+    if queries.dim() == 4:
+        N = queries.shape[0]
+        q = queries.reshape(N * B, queries.shape[2], D)
+        c = categories.unsqueeze(0).expand(N, B, K, D).reshape(N * B, K, D)
+    else:
+        q, c = queries, categories
+    out = torch.baddbmm(bias.reshape(1, 1, 1), q, c.transpose(1, 2), alpha=1.0 / math.sqrt(D))
+    out = out.view(*queries.shape[:-1], K)
+    if valid is not None:
+        out = out.masked_fill_(~valid[:, None, :], -math.inf)
+    return out
+
+
+def _check_logits_inputs(
+    queries: Tensor, categories: Tensor, bias: Tensor, valid: Optional[Tensor]
+) -> None:
+    if queries.dim() not in (3, 4):
+        raise ValueError(f"queries must be [B, Q, D] or [N, B, Q, D], got {tuple(queries.shape)}")
+    if categories.dim() != 3:
+        raise ValueError(f"categories must be [B, K, D], got {tuple(categories.shape)}")
+    B, K, D = categories.shape
+    qB, qD = queries.shape[-3], queries.shape[-1]
+    if qB != B or qD != D:
+        raise ValueError(
+            f"queries {tuple(queries.shape)} do not match categories [B, K, D] = [{B}, {K}, {D}]"
+        )
+    if not isinstance(bias, Tensor) or bias.numel() != 1:
+        raise ValueError(f"bias must be a one-element (scalar) tensor, got {bias!r}")
+    if valid is not None and (valid.dtype != torch.bool or valid.shape != (B, K)):
+        raise ValueError(
+            f"valid must be a bool [B, K] = [{B}, {K}] mask, got {valid.dtype} {tuple(valid.shape)}"
+        )
+    for name, t in (("categories", categories), ("bias", bias), ("valid", valid)):
+        if t is not None and t.device != queries.device:
+            raise ValueError(f"{name} is on {t.device} but queries on {queries.device}")
+
+
+if _ext.has_ext():
+
+    @torch.library.register_fake("cqdino::topk_category_gather")
+    def _topk_fake(scores, embeddings, k, force=None):
+        B = scores.shape[0]
+        return (
+            scores.new_empty((B, k), dtype=torch.long),
+            embeddings.new_empty((B, k, embeddings.shape[-1])),
+        )
+
+    @torch.library.register_fake("cqdino::topk_category_gather_backward")
+    def _topk_backward_fake(grad_gathered, indices, num_categories, shared):
+        B, _, D = grad_gathered.shape
+        shape = (num_categories, D) if shared else (B, num_categories, D)
+        return grad_gathered.new_empty(shape)
+
+    def _topk_setup_context(ctx, inputs, output):
+        scores, embeddings, _, _ = inputs
+        indices, _ = output
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.num_categories = scores.shape[1]
+        ctx.shared = embeddings.dim() == 2
+        ctx.emb_dtype = embeddings.dtype
+
+    def _topk_backward(ctx, grad_indices, grad_gathered):
+        if grad_gathered is None or not ctx.needs_input_grad[1]:
+            return None, None, None, None
+        (indices,) = ctx.saved_tensors
+        grad = torch.ops.cqdino.topk_category_gather_backward(
+            grad_gathered.to(ctx.emb_dtype).contiguous(),
+            indices,
+            ctx.num_categories,
+            ctx.shared,
+        )
+        return None, grad, None, None
+
+    torch.library.register_autograd(
+        "cqdino::topk_category_gather", _topk_backward, setup_context=_topk_setup_context
+    )
