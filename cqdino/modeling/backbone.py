@@ -10,13 +10,13 @@ Presets (``BACKBONE_PRESETS``):
   FrozenBN, frozen stem, backbone lr x 0.01.
 """
 
-from typing import Dict, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.resnet import BasicStem, ResNet
-from torch import Tensor
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
+from torch import Tensor, nn
 
 __all__ = [
     "BACKBONE_PRESETS",
@@ -24,6 +24,7 @@ __all__ = [
     "TimmSwinBackbone",
     "BackboneLRFactor",
     "build_timm_swin_backbone",
+    "ConvPaddingZeroer",
 ]
 
 BACKBONE_PRESETS = {
@@ -38,6 +39,7 @@ def build_resnet(
     freeze_at: int = 0,
     out_features: Sequence[str] = ("res3", "res4", "res5"),
     stride_in_1x1: bool = False,
+    width: int = 64,
 ) -> ResNet:
     """detectron2 ResNet-``depth`` (18/34 basic blocks, 50/101/152 bottlenecks).
 
@@ -46,14 +48,29 @@ def build_resnet(
         freeze_at: 0 = nothing frozen, 1 = stem, 2 = stem + res2, ...
         out_features: default C3-C5 (strides 8, 16, 32).
         stride_in_1x1: MSRA-style bottlenecks (False matches torchvision/detrex weights).
+        width: stem / res2 width of R18/R34 (64 is the standard network; smaller values give
+            the thin networks used in CPU tests).
     """
     if depth not in (18, 34, 50, 101, 152):
         raise ValueError(f"build_resnet: depth must be one of 18/34/50/101/152, got {depth}")
-    kwargs = {"norm": norm}
-    if depth >= 50:
-        kwargs["stride_in_1x1"] = stride_in_1x1
-    stages = ResNet.make_default_stages(depth, **kwargs)
-    stem = BasicStem(in_channels=3, out_channels=64, norm=norm)
+    if depth < 50:
+        blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}[depth]
+        stages = [
+            ResNet.make_stage(
+                BasicBlock,
+                n,
+                in_channels=width * 2 ** max(i - 1, 0),
+                out_channels=width * 2**i,
+                stride_per_block=[1 if i == 0 else 2] + [1] * (n - 1),
+                norm=norm,
+            )
+            for i, n in enumerate(blocks)
+        ]
+    else:
+        if width != 64:
+            raise ValueError("build_resnet: width is only supported for depth 18/34")
+        stages = ResNet.make_default_stages(depth, norm=norm, stride_in_1x1=stride_in_1x1)
+    stem = BasicStem(in_channels=3, out_channels=width, norm=norm)
     return ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
 
 
@@ -151,3 +168,55 @@ def build_timm_swin_backbone(cfg, input_shape) -> Backbone:
         cfg.MODEL.SWIN.DROP_PATH_RATE,
         freeze_patch_embed=cfg.MODEL.BACKBONE.FREEZE_AT >= 1,
     )
+
+
+class ConvPaddingZeroer:
+    """Zeroes the padded region of every ``nn.Conv2d`` input and output of a CNN (detectron2's
+    ``Conv2d`` applies its norm first), so the network computes on a padded batch exactly what it
+    computes on each image alone (inference; BatchNorm in eval mode). Convolutions and the
+    stem's max-pool then see zeros beyond the image border, as zero padding / non-negative
+    max-pool inputs give on an unpadded image. The valid extent at stride ``s`` is
+    ``ceil(size / s)``. Not exact for attention backbones (Swin).
+
+    Usage: ``zeroer = ConvPaddingZeroer(backbone)``; set ``zeroer.image_sizes`` and
+    ``zeroer.padded_size`` before each forward (the meta-architecture does).
+    """
+
+    def __init__(self, module: nn.Module):
+        self.image_sizes: Optional[List[Tuple[int, int]]] = None
+        self.padded_size: Optional[Tuple[int, int]] = None
+        self._cache: Dict[Tuple[int, int], Tensor] = {}
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                m.register_forward_pre_hook(self._pre_hook)
+                m.register_forward_hook(self._hook)
+
+    def set(self, image_sizes: List[Tuple[int, int]], padded_size: Tuple[int, int]) -> None:
+        self._cache = {}
+        padded = [tuple(s) != tuple(padded_size) for s in image_sizes]
+        self.image_sizes = [tuple(s) for s in image_sizes] if any(padded) else None
+        self.padded_size = tuple(padded_size)
+
+    def _pre_hook(self, module: nn.Module, args):
+        return (self._hook(module, args, args[0]),) + tuple(args[1:])
+
+    def _hook(self, module: nn.Module, args, out: Tensor) -> Tensor:
+        if self.image_sizes is None or out.dim() != 4 or out.shape[0] != len(self.image_sizes):
+            return out
+        H, W = out.shape[-2:]
+        key = (H, W)
+        if key not in self._cache:
+            PH, PW = self.padded_size
+            stride = next(
+                (s for s in (1, 2, 4, 8, 16, 32, 64, 128) if -(-PH // s) == H and -(-PW // s) == W),
+                None,
+            )
+            if stride is None:
+                self._cache[key] = None
+            else:
+                from .neck import level_masks
+
+                mask = level_masks(self.image_sizes, (H, W), stride, out.device)
+                self._cache[key] = (~mask)[:, None]
+        keep = self._cache[key]
+        return out if keep is None else out * keep.to(out.dtype)

@@ -37,7 +37,8 @@ class SetCriterion(nn.Module):
     Args:
         matcher: assigns queries to GT boxes.
         loss_class_weight, loss_bbox_weight, loss_giou_weight: weights of the focal, L1 and GIoU
-            terms; every auxiliary copy (``_0.._{L-2}``, ``_enc``, ``_dn``, ``_dn_i``) uses the same.
+            terms; every auxiliary copy (``_0.._{L-2}``, ``_enc``, ``_dn``, ``_dn_i``) uses the
+            same weights.
         focal_alpha, focal_gamma: focal loss parameters.
     """
 

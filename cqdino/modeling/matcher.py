@@ -40,7 +40,7 @@ class HungarianMatcher(nn.Module):
     def cost_matrix(
         self, logits: Tensor, boxes: Tensor, labels: Tensor, gt_boxes: Tensor
     ) -> Tensor:
-        """``[Q, N_col]`` logits, ``[Q, 4]`` boxes, ``[G]`` labels, ``[G, 4]`` boxes -> ``[Q, G]``."""
+        """``[Q, N_col]`` logits, ``[Q, 4]`` boxes, ``[G]`` labels, ``[G, 4]`` GT -> ``[Q, G]``."""
         prob = logits[:, labels.clamp(min=0)].float().sigmoid()  # (Q, G)
         neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()
         pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()

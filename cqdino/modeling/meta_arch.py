@@ -10,6 +10,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 
+from .backbone import ConvPaddingZeroer
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .criterion import SetCriterion
 from .denoising import CDNGenerator
@@ -59,6 +60,7 @@ class DINO(nn.Module):
         # Inference:
         select_box_nums_for_evaluation: int = 300,
         size_divisibility: int = 0,
+        zero_backbone_padding: bool = True,
     ):
         """
         Args:
@@ -75,6 +77,10 @@ class DINO(nn.Module):
             select_box_nums_for_evaluation: detections kept per image (top query x class
                 pairs).
             size_divisibility: pad images to a multiple of this (at least the backbone's).
+            zero_backbone_padding: zero the padded region after every conv of the backbone
+                (:class:`~cqdino.modeling.backbone.ConvPaddingZeroer`), so with the masked
+                neck and transformer an image's detections do not depend on the batch it is in
+                (exact for CNN backbones in inference).
         """
         super().__init__()
         self.backbone = backbone
@@ -98,6 +104,7 @@ class DINO(nn.Module):
         )
         self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
         self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
+        self._padding_zeroer = ConvPaddingZeroer(backbone) if zero_backbone_padding else None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -210,6 +217,8 @@ class DINO(nn.Module):
                 raise ValueError("DINO training needs 'instances' in every input dict")
             targets = self.prepare_targets([x["instances"] for x in batched_inputs])
 
+        if self._padding_zeroer is not None:
+            self._padding_zeroer.set(images.image_sizes, tuple(images.tensor.shape[-2:]))
         features = self.backbone(images.tensor)
         state = self.prepare_class_state(features, images, targets)
         maps, masks = self.neck(features, images.image_sizes)

@@ -6,7 +6,6 @@ padding too)."""
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 

@@ -1,0 +1,201 @@
+"""Hungarian matcher against brute force, and the criterion on hand-made cases."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torchvision.ops import generalized_box_iou as tv_giou
+from torchvision.ops import sigmoid_focal_loss as tv_focal
+
+from cqdino.modeling import HungarianMatcher, SetCriterion
+
+
+def _xyxy(b):
+    return torch.cat([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], 1)
+
+
+def reference_cost(logits, boxes, labels, gt, wc=2.0, wb=5.0, wg=2.0, alpha=0.25, gamma=2.0):
+    """Independent float64 cost matrix [Q, G], written element by element."""
+    Q, G = logits.shape[0], gt.shape[0]
+    giou = tv_giou(_xyxy(boxes.double()), _xyxy(gt.double()))
+    cost = torch.zeros(Q, G, dtype=torch.float64)
+    for q in range(Q):
+        for g in range(G):
+            cls = 0.0
+            if labels[g] >= 0:
+                p = torch.sigmoid(logits[q, labels[g]].double()).item()
+                pos = alpha * (1 - p) ** gamma * -math.log(p + 1e-8)
+                neg = (1 - alpha) * p**gamma * -math.log(1 - p + 1e-8)
+                cls = pos - neg
+            l1 = (boxes[q].double() - gt[g].double()).abs().sum().item()
+            cost[q, g] = wc * cls + wb * l1 - wg * giou[q, g].item()
+    return cost
+
+
+def brute_force_min(cost):
+    Q, G = cost.shape
+    return min(
+        sum(cost[q, g].item() for g, q in enumerate(perm))
+        for perm in itertools.permutations(range(Q), G)
+    )
+
+
+def rand_boxes(n, gen):
+    c = torch.rand(n, 2, generator=gen) * 0.6 + 0.2
+    wh = torch.rand(n, 2, generator=gen) * 0.3 + 0.05
+    return torch.cat([c, wh], 1)
+
+
+@pytest.mark.parametrize("Q,G", [(4, 1), (5, 3), (6, 4), (4, 4)])
+@pytest.mark.parametrize("unselected", [False, True])
+def test_matcher_matches_enumeration(Q, G, unselected, rng_seed):
+    gen = torch.Generator().manual_seed(rng_seed)
+    N = 3
+    for _ in range(5):
+        logits = torch.randn(1, Q, N, generator=gen) * 3
+        boxes = rand_boxes(Q, gen)[None]
+        labels = torch.randint(0, N, (G,), generator=gen)
+        if unselected:
+            labels[0] = -1  # class cost 0 for this GT: matched on its box only
+        gt = rand_boxes(G, gen)
+        ((q, g),) = HungarianMatcher()(logits, boxes, [{"labels": labels, "boxes": gt}])
+        assert len(q) == len(g) == G and len(set(q.tolist())) == G
+        ref = reference_cost(logits[0], boxes[0], labels, gt)
+        total = sum(ref[a, b].item() for a, b in zip(q.tolist(), g.tolist()))
+        assert total == pytest.approx(brute_force_min(ref), abs=1e-5)
+
+
+def test_matcher_empty_targets():
+    ((q, g),) = HungarianMatcher()(
+        torch.randn(1, 5, 3),
+        torch.rand(1, 5, 4),
+        [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}],
+    )
+    assert q.numel() == 0 and g.numel() == 0
+
+
+def _criterion():
+    return SetCriterion(HungarianMatcher())
+
+
+def _targets(gen, n=3, N=4):
+    return [{"labels": torch.randint(0, N, (n,), generator=gen), "boxes": rand_boxes(n, gen)}]
+
+
+def test_perfect_prediction_has_zero_box_loss(rng_seed):
+    gen = torch.Generator().manual_seed(rng_seed)
+    Q, N = 8, 4
+    t = _targets(gen, 3, N)
+    boxes = rand_boxes(Q, gen)[None]
+    logits = torch.full((1, Q, N), -20.0)
+    slots = torch.tensor([5, 1, 6])
+    boxes[0, slots] = t[0]["boxes"]
+    logits[0, slots, t[0]["labels"]] = 20.0
+    losses = _criterion()({"pred_logits": logits, "pred_boxes": boxes}, t)
+    assert losses["loss_bbox"].item() < 1e-6
+    assert losses["loss_giou"].item() < 1e-5
+    assert losses["loss_class"].item() < 1e-6
+
+
+def test_focal_loss_and_normalisation_against_torchvision(rng_seed):
+    gen = torch.Generator().manual_seed(rng_seed)
+    Q, N = 6, 5
+    t = _targets(gen, 3, N)
+    logits = torch.randn(1, Q, N, generator=gen)
+    boxes = rand_boxes(Q, gen)[None]
+    crit = _criterion()
+    indices = crit.matcher(logits, boxes, t)
+    losses = crit({"pred_logits": logits, "pred_boxes": boxes}, t)
+    q, g = indices[0]
+    onehot = torch.zeros(1, Q, N)
+    onehot[0, q, t[0]["labels"][g]] = 1
+    ref_cls = tv_focal(logits.double(), onehot.double(), 0.25, 2.0, "sum") / 3
+    ref_l1 = (boxes[0, q] - t[0]["boxes"][g]).abs().sum() / 3
+    ref_giou = (1 - torch.diag(tv_giou(_xyxy(boxes[0, q]), _xyxy(t[0]["boxes"][g])))).sum() / 3
+    assert losses["loss_class"].item() == pytest.approx(ref_cls.item(), rel=1e-5)
+    assert losses["loss_bbox"].item() == pytest.approx(5 * ref_l1.item(), rel=1e-5)
+    assert losses["loss_giou"].item() == pytest.approx(2 * ref_giou.item(), rel=1e-5)
+
+
+def test_permuted_queries_give_the_same_loss(rng_seed):
+    gen = torch.Generator().manual_seed(rng_seed)
+    Q, N = 10, 4
+    t = _targets(gen, 4, N)
+    logits = torch.randn(1, Q, N, generator=gen)
+    boxes = rand_boxes(Q, gen)[None]
+    perm = torch.randperm(Q, generator=gen)
+    a = _criterion()({"pred_logits": logits, "pred_boxes": boxes}, t)
+    b = _criterion()({"pred_logits": logits[:, perm], "pred_boxes": boxes[:, perm]}, t)
+    for k in a:
+        assert a[k].item() == pytest.approx(b[k].item(), rel=1e-5, abs=1e-7), k
+
+
+def test_unselected_target_has_zero_class_row_but_box_loss(rng_seed):
+    """A GT with label -1 (no logit column) is matched and box-supervised; its query's focal
+    target row is all zero."""
+    gen = torch.Generator().manual_seed(rng_seed)
+    Q, N = 6, 3
+    gt = rand_boxes(2, gen)
+    t = [{"labels": torch.tensor([-1, 2]), "boxes": gt}]
+    logits = torch.randn(1, Q, N, generator=gen)
+    boxes = rand_boxes(Q, gen)[None]
+    crit = _criterion()
+    ((q, g),) = crit.matcher(logits, boxes, t)
+    losses = crit({"pred_logits": logits, "pred_boxes": boxes}, t)
+    onehot = torch.zeros(1, Q, N)
+    for qi, gi in zip(q.tolist(), g.tolist()):
+        if gi == 1:
+            onehot[0, qi, 2] = 1
+    ref_cls = tv_focal(logits, onehot, 0.25, 2.0, "sum") / 2
+    ref_l1 = (boxes[0, q] - gt[g]).abs().sum() / 2
+    assert losses["loss_class"].item() == pytest.approx(ref_cls.item(), rel=1e-5)
+    assert losses["loss_bbox"].item() == pytest.approx(5 * ref_l1.item(), rel=1e-5)
+
+
+def test_invalid_columns_are_ignored(rng_seed):
+    """Columns with valid=False hold -inf logits: the loss is finite and equals the loss on the
+    valid columns alone; gradients are finite."""
+    gen = torch.Generator().manual_seed(rng_seed)
+    Q, N = 6, 5
+    t = [{"labels": torch.tensor([0, 2]), "boxes": rand_boxes(2, gen)}]
+    valid = torch.tensor([[True, True, True, False, False]])
+    base = torch.randn(1, Q, 3, generator=gen)
+    logits = torch.cat([base, torch.full((1, Q, 2), -math.inf)], 2).requires_grad_()
+    boxes = rand_boxes(Q, gen)[None]
+    crit = _criterion()
+    full = crit({"pred_logits": logits, "pred_boxes": boxes}, t, valid_columns=valid)
+    sub = crit({"pred_logits": base, "pred_boxes": boxes}, t)
+    for k in sub:
+        assert full[k].item() == pytest.approx(sub[k].item(), rel=1e-5), k
+    sum(full.values()).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_no_gt_gives_finite_losses():
+    t = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
+    logits = torch.randn(1, 5, 3, requires_grad=True)
+    boxes = torch.rand(1, 5, 4, requires_grad=True)
+    losses = _criterion()({"pred_logits": logits, "pred_boxes": boxes}, t)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert logits.grad is not None and boxes.grad is not None
+    assert losses["loss_bbox"].item() == 0.0
+
+
+def test_aux_enc_and_dn_keys():
+    gen = torch.Generator().manual_seed(0)
+    t = _targets(gen, 2, 3)
+    out = lambda: {"pred_logits": torch.randn(1, 6, 3), "pred_boxes": torch.rand(1, 6, 4)}  # noqa
+    outputs = dict(
+        out(), aux_outputs=[out(), out()], enc_outputs=out(), dn_outputs=[out(), out(), out()]
+    )
+    dn_meta = {"num_groups": 1, "indices": [(torch.tensor([0, 1]), torch.tensor([0, 1]))]}
+    losses = _criterion()(outputs, t, dn_meta)
+    expect = {
+        f"loss_{k}{s}"
+        for k in ("class", "bbox", "giou")
+        for s in ("", "_0", "_1", "_enc", "_dn", "_dn_0", "_dn_1")
+    }
+    assert set(losses) == expect
