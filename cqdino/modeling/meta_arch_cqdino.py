@@ -13,7 +13,7 @@ What differs from :class:`~cqdino.modeling.meta_arch.DINO` (everything else is i
 """
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
