@@ -2,10 +2,10 @@
 
 from .backbone import (
     BACKBONE_PRESETS,
-    BackboneLRFactor,
     TimmSwinBackbone,
     build_resnet,
     build_timm_swin_backbone,
+    get_dino_optimizer_params,
 )
 from .criterion import SetCriterion, sigmoid_focal_loss
 from .denoising import CDNGenerator
@@ -18,7 +18,7 @@ from .transformer import DeformableDecoder, DeformableEncoder, DINOTransformer
 
 __all__ = [
     "BACKBONE_PRESETS",
-    "BackboneLRFactor",
+    "get_dino_optimizer_params",
     "TimmSwinBackbone",
     "build_resnet",
     "build_timm_swin_backbone",

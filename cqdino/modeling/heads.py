@@ -20,6 +20,28 @@ How a GT box becomes a target (:meth:`ClassHead.map_targets`): its dataset class
 a logit column, or to ``-1`` when the head has no column for it (CQ-DINO: the category was not
 selected for this image). A ``-1`` GT still takes part in Hungarian matching with class cost 0
 (box costs only) and in the box losses, but its focal-loss target row is all zero.
+
+Who calls what (one training step of :class:`~cqdino.modeling.meta_arch.DINO`)::
+
+    state  = meta_arch.prepare_class_state(...)  # -> head.prepare(backbone feats, sizes, gt)
+    labels = head.map_targets(gt_classes, state)          # matcher + criterion targets
+    dn     = CDNGenerator(head.map_dn_labels(labels))     # table of head.num_dn_labels rows
+    memory, state = encoder(..., state)                   # fusion hooks may update state
+    enc_logits = head(proposal_feats, state, None)        # two-stage top-k by max over columns
+    logits_i   = head(decoder_out_i, state, i)            # every layer, DN queries included
+    losses = criterion(..., valid_columns=head.valid_columns(state)) + state.losses
+    # inference: classes = head.columns_to_classes(top-k columns, state)
+
+Writing the CQ-DINO head (checklist): ``prepare`` runs the category selector and returns
+``ClassHeadState(indices=[B, K], embeddings=T [B, K, 256], valid=[B, K],
+losses={"loss_select": ...})``; ``forward`` returns
+``cqdino.layers.contrastive_logits(hidden, state.embeddings, bias, state.valid)`` (``-inf`` at
+invalid columns); ``map_targets`` maps each GT class to its position in ``state.indices[b]``
+or ``-1``; set ``num_dn_labels = K + 1``, ``unselected_dn_label = K``, ``num_noise_labels = K``;
+``columns_to_classes`` already gathers from ``state.indices``. The CQ-DINO meta-architecture
+passes ``fusion_layers`` to :class:`~cqdino.modeling.transformer.DeformableEncoder` and
+``category_attn`` to :class:`~cqdino.modeling.transformer.DeformableDecoder`; nothing else
+changes. ``tests/modeling/test_meta_arch.py::SelectHead`` is a working miniature.
 """
 
 from dataclasses import dataclass, field
@@ -110,6 +132,11 @@ class ClassHead(nn.Module):
     def map_dn_labels(self, targets: Tensor) -> Tensor:
         """Mapped targets (from :meth:`map_targets`) -> rows of the DN label table."""
         if self.unselected_dn_label is None:
+            if targets.numel() and bool((targets < 0).any()):
+                raise ValueError(
+                    f"{type(self).__name__}.map_targets produced -1 targets but the head has no "
+                    "unselected_dn_label row"
+                )
             return targets
         return torch.where(targets < 0, torch.full_like(targets, self.unselected_dn_label), targets)
 

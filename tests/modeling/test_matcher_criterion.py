@@ -157,7 +157,7 @@ def test_invalid_columns_are_ignored(rng_seed):
     """Columns with valid=False hold -inf logits: the loss is finite and equals the loss on the
     valid columns alone; gradients are finite."""
     gen = torch.Generator().manual_seed(rng_seed)
-    Q, N = 6, 5
+    Q = 6
     t = [{"labels": torch.tensor([0, 2]), "boxes": rand_boxes(2, gen)}]
     valid = torch.tensor([[True, True, True, False, False]])
     base = torch.randn(1, Q, 3, generator=gen)
@@ -199,3 +199,36 @@ def test_aux_enc_and_dn_keys():
         for s in ("", "_0", "_1", "_enc", "_dn", "_dn_0", "_dn_1")
     }
     assert set(losses) == expect
+
+
+CASES = [((3, 1), 2.0), ((0, 0), 1.0), ((1, 0), 1.0)]  # per-rank GT counts -> normaliser
+
+
+def _num_boxes_worker(rank, world, init_file, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for i, (counts, _) in enumerate(CASES):
+            t = [
+                {
+                    "labels": torch.zeros(counts[rank], dtype=torch.long),
+                    "boxes": torch.rand(counts[rank], 4),
+                }
+            ]
+            results[(rank, i)] = _criterion().num_boxes(t, torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_num_boxes_is_averaged_over_ranks_and_clamped(tmp_path):
+    """Two gloo ranks: the normaliser is the all-reduced GT count / world size, >= 1, and ranks
+    without GT do not hang."""
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_num_boxes_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+    for i, (_, expect) in enumerate(CASES):
+        assert results[(0, i)] == expect and results[(1, i)] == expect, (i, dict(results))

@@ -3,7 +3,8 @@
 With ImageNet weights (``train.init_checkpoint``) switch to the pretrained preset::
 
     model.backbone.norm = "FrozenBN"; model.backbone.freeze_at = 1
-    # and backbone lr x 0.01: optimizer.params.lr_factor_func = L(BackboneLRFactor)(factor=0.01)
+    # and backbone lr x 0.01:
+    optimizer.params = L(get_dino_optimizer_params)(base_lr=..., backbone_lr_multiplier=0.01)
 """
 
 from detectron2.config import LazyCall as L
