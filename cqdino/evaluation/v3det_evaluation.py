@@ -337,9 +337,7 @@ def frequency_groups(image_count: Sequence[int]) -> Dict[str, np.ndarray]:
     ic = np.asarray(image_count)
     out = {}
     for name, lo, hi in FREQUENCY_GROUPS:
-        sel = ic >= lo if hi is None else (ic >= lo) & (ic <= hi)
-        if lo == 0:
-            sel = ic <= hi
+        sel = (ic >= lo) & (ic <= (np.inf if hi is None else hi))
         out[name] = np.flatnonzero(sel)
     return out
 

@@ -33,15 +33,17 @@ def _assert_stats_equal(ours, ref):
             assert ours[k] == pytest.approx(r, abs=1e-12), k
 
 
-def _crosscheck(gt, dets, num_workers=0, chunk_size=64):
+def _crosscheck(gt, dets, num_workers=0, chunk_size=64, refs=None):
     img_ids = {d["image_id"] for d in dets}
     g, d = to_arrays(gt, dets, img_ids)
     ours = evaluate_boxes(
         g, d, [c["id"] for c in gt["categories"]], num_workers=num_workers, chunk_size=chunk_size
     )["stats"]
-    dets = truncate(dets, 300)
-    _assert_stats_equal(ours, pycocotools_stats(gt, dets))
-    _assert_stats_equal(ours, faster_coco_eval_stats(gt, dets))
+    if refs is None:
+        dets = truncate(dets, 300)
+        refs = (pycocotools_stats(gt, dets), faster_coco_eval_stats(gt, dets))
+    for ref in refs:
+        _assert_stats_equal(ours, ref)
     return ours
 
 
@@ -53,11 +55,20 @@ def test_visdrone_real_detections(shared_data):
     assert 0.05 < ours["AP"] < 0.1  # a real, weak detector; 0-based category ids
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_lvis_subset_jittered(shared_data, num_workers):
+@pytest.fixture(scope="module")
+def lvis_case(shared_data):
+    """LVIS v0.5 subset (1,230 categories) with jittered predictions and both references."""
     gt = json.loads((shared_data / "eval_crosscheck" / "lvis_v0.5_val_100_gt.json").read_text())
     dets = jittered_detections(gt, np.random.default_rng(0))
-    ours = _crosscheck(gt, dets, num_workers=num_workers, chunk_size=32)
+    top = truncate(dets, 300)
+    return gt, dets, (pycocotools_stats(gt, top), faster_coco_eval_stats(gt, top))
+
+
+@pytest.mark.slow  # the dense pycocotools reference over 1,230 categories takes a few seconds
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_lvis_subset_jittered(lvis_case, num_workers):
+    gt, dets, refs = lvis_case
+    ours = _crosscheck(gt, dets, num_workers=num_workers, chunk_size=32, refs=refs)
     assert 0.1 < ours["AP"] < 0.9
 
 
@@ -67,7 +78,7 @@ def test_coco8_jittered(shared_data):
         _crosscheck(gt, jittered_detections(gt, np.random.default_rng(seed), per_image_fp=40))
 
 
-def _grid_case(n_gt=300):
+def _grid_case(n_gt=150):
     """One image, one category, n_gt disjoint boxes; detections hit them with falling scores."""
     boxes = [[(i % 20) * 50.0, (i // 20) * 50.0, 40.0, 40.0] for i in range(n_gt)]
     gt = {
@@ -89,21 +100,21 @@ def test_300_detections_are_used():
     gt, dets = _grid_case()
     g, d = to_arrays(gt, dets)
     ours = evaluate_boxes(g, d, [5, 6])["stats"]
-    # Detections 101..300 are all true positives: with maxDets 300 AP and AR are 1, with
-    # COCO's default 100 they would be about 1/3.
+    # Detections 101..150 are all true positives: with maxDets 300 AP and AR are 1, with
+    # COCO's default 100 AR would be 100/150.
     assert ours["AP"] == pytest.approx(1.0) and ours["AR"] == pytest.approx(1.0)
-    assert pycocotools_stats(gt, dets, max_dets=100)["AR"] == pytest.approx(1 / 3)
+    assert faster_coco_eval_stats(gt, dets, max_dets=100)["AR"] == pytest.approx(100 / 150)
     _assert_stats_equal(ours, pycocotools_stats(gt, dets))
 
-    # Per-image truncation over all categories: 60 higher-scoring detections of another
+    # Per-image truncation over all categories: 210 higher-scoring detections of another
     # category push the 60 lowest-scoring true positives out of the image's top 300.
     extra = [
-        {"image_id": 1, "category_id": 6, "bbox": [0, 0, 5, 5], "score": 2.0} for _ in range(60)
+        {"image_id": 1, "category_id": 6, "bbox": [0, 0, 5, 5], "score": 2.0} for _ in range(210)
     ]
     g, d = to_arrays(gt, dets + extra)
     ours = evaluate_boxes(g, d, [5, 6])["stats"]
-    assert ours["AR"] == pytest.approx(240 / 300)
-    _assert_stats_equal(ours, pycocotools_stats(gt, truncate(dets + extra, 300)))
+    assert ours["AR"] == pytest.approx(90 / 150)
+    _assert_stats_equal(ours, faster_coco_eval_stats(gt, truncate(dets + extra, 300)))
 
 
 def _hierarchy_case():
@@ -260,3 +271,46 @@ def test_evaluator_on_synthetic_with_tree_file(tmp_path):
         assert not hasattr(MetadataCatalog.get("synthetic_vocab_val"), "image_count")
     finally:
         register_synthetic_vocab()
+
+
+def test_build_evaluator_picks_by_type(shared_data):
+    import cqdino.data  # noqa: F401  (registers the datasets)
+    from cqdino.evaluation import build_evaluator
+
+    assert isinstance(build_evaluator("synthetic_vocab_val"), V3DetEvaluator)
+    name = "cqdino_test_coco8_train"
+    if name not in DatasetCatalog.list():
+        root = shared_data / "coco8"
+        register_coco_instances(name, {}, str(root / "annotations" / "coco8_train.json"), str(root))
+    ev = build_evaluator(name)
+    assert isinstance(ev, COCOEvaluator) and ev._use_fast_impl is False
+
+
+def test_hierarchy_copies_match_a_plain_loop():
+    from cqdino.evaluation.v3det_evaluation import add_hierarchy_ignores
+
+    rng = np.random.default_rng(0)
+    ancestors = {2: [1], 3: [1], 4: [3, 1], 6: [5], 7: [5, 9]}
+    gt = gt_arrays(
+        rng.integers(1000, 1030, 200), rng.integers(1, 10, 200), rng.uniform(1, 50, (200, 4))
+    )
+    dt = dt_arrays(
+        rng.integers(1000, 1030, 300),
+        rng.integers(1, 10, 300),
+        rng.uniform(1, 50, (300, 4)),
+        rng.random(300),
+    )
+    out = add_hierarchy_ignores(gt, dt, ancestors)
+    n = len(gt)
+    assert (out["ignore"][:n] == 0).all() and (out["ignore"][n:] == 1).all()
+    got = sorted(
+        (int(i), int(c), tuple(b))
+        for i, c, b in zip(out["image_id"][n:], out["category_id"][n:], out["bbox"][n:].tolist())
+    )
+    expect = []
+    for img, d in sorted({(int(i), int(c)) for i, c in zip(dt["image_id"], dt["category_id"])}):
+        for a in ancestors.get(d, []):
+            for j in range(n):
+                if gt["image_id"][j] == img and gt["category_id"][j] == a:
+                    expect.append((img, d, tuple(gt["bbox"][j].tolist())))
+    assert len(expect) > 20 and got == sorted(expect)
