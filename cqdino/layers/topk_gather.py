@@ -239,3 +239,24 @@ if _ext.has_ext():
     torch.library.register_autograd(
         "cqdino::topk_category_gather", _topk_backward, setup_context=_topk_setup_context
     )
+
+    # The backward is linear in grad_gathered; its own gradient gathers the incoming rows again
+    # (this makes double backward work, e.g. for gradient penalties).
+    def _topk_backward_setup_context(ctx, inputs, output):
+        _, indices, _, shared = inputs
+        ctx.save_for_backward(indices)
+        ctx.shared = shared
+
+    def _topk_backward_backward(ctx, grad_grad):
+        (indices,) = ctx.saved_tensors
+        if ctx.shared:
+            g = grad_grad[indices]
+        else:
+            g = grad_grad.gather(1, indices[..., None].expand(-1, -1, grad_grad.shape[-1]))
+        return g, None, None, None
+
+    torch.library.register_autograd(
+        "cqdino::topk_category_gather_backward",
+        _topk_backward_backward,
+        setup_context=_topk_backward_setup_context,
+    )

@@ -197,6 +197,15 @@ def test_gradcheck_float64(device, shared, with_force, rng_seed):
 
 
 @needs_ext
+@pytest.mark.parametrize("shared", [False, True])
+def test_gradgradcheck_float64(shared):
+    B, C, D, k = 2, 7, 3, 3
+    scores = torch.randn(B, C, dtype=torch.float64)
+    emb = torch.randn((C, D) if shared else (B, C, D), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda e: topk_category_gather(scores, e, k)[1], (emb,))
+
+
+@needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_shared_backward_matches_reference_and_is_deterministic(device, dtype, rng_seed):
