@@ -13,7 +13,7 @@ What differs from :class:`~cqdino.modeling.meta_arch.DINO` (everything else is i
 """
 
 import dataclasses
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -131,6 +131,18 @@ def cqdino_recipe_multipliers(pretrained: bool) -> Dict[str, Tuple[float, float]
     )
 
 
+def _dataset_category_ids(cfg) -> Optional[List[int]]:
+    """Dataset category ids in contiguous order from the first training dataset's metadata
+    (``thing_dataset_id_to_contiguous_id``), so the tree's categories line up with the model's
+    columns; None when the metadata does not say (the tree's sorted ids are used)."""
+    if not cfg.DATASETS.TRAIN:
+        return None
+    from detectron2.data import MetadataCatalog
+
+    mapping = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_dataset_id_to_contiguous_id")
+    return sorted(mapping, key=mapping.get) if mapping else None
+
+
 @META_ARCH_REGISTRY.register()
 class CQDINO(DINO):
     """CQ-DINO (Sun et al., 2025): DINO whose classifier matches object queries against the
@@ -198,6 +210,7 @@ class CQDINO(DINO):
             selector_checkpoint=c.SELECTOR_CHECKPOINT,
             relation=c.RELATION,
             tree_file=c.TREE_FILE or None,
+            category_ids=_dataset_category_ids(cfg),
             ancestor_masking=c.ANCESTOR_MASKING,
             init_embeddings=c.EMBEDDINGS_FILE or None,
             selection_loss=c.SELECTION_LOSS,
