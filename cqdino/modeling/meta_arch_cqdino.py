@@ -158,9 +158,9 @@ class CQDINO(DINO):
         """
         Args:
             stage1: selector pre-training: freeze everything except the category queries and
-                the selector (plus ``stage1_extra_trainable`` prefixes, e.g. ``["backbone"]``
-                from scratch) and return only ``loss_select`` in training. Inference runs the
-                full detector.
+                the selector without its token projection ``out_proj`` (plus
+                ``stage1_extra_trainable`` prefixes, e.g. ``["backbone"]`` from scratch) and
+                return only ``loss_select`` in training. Inference runs the full detector.
             kw: the arguments of :class:`DINO`; ``class_head`` must be a
                 :class:`ContrastiveClassHead` and the transformer's hooks are expected to be
                 filled (:func:`encoder_fusion_layers`, :func:`decoder_category_attention`).
@@ -178,6 +178,9 @@ class CQDINO(DINO):
         self.stage1 = stage1
         if stage1:
             freeze_for_stage1(self, tuple(stage1_extra_trainable))
+            # the selection loss does not reach the token projection: freeze it too, so every
+            # trainable parameter gets a gradient (DDP without find_unused_parameters)
+            self.class_head.selector.out_proj.requires_grad_(False)
 
     @classmethod
     def from_config(cls, cfg):

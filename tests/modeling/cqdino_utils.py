@@ -31,6 +31,7 @@ def tiny_cqdino(
     selection_loss: str = "asl",
     force_gt: bool = False,
     stage1: bool = False,
+    use_checkpoint: bool = False,
     **head_kwargs,
 ) -> CQDINO:
     """R18 (``width``) backbone, ``layers`` + ``layers`` transformer of width ``embed_dim``,
@@ -59,6 +60,7 @@ def tiny_cqdino(
         dn_number=dn_number,
         class_head=head,
         width=width,
+        use_checkpoint=use_checkpoint,
     )
     install_category_hooks(
         base.transformer,
