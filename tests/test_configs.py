@@ -106,6 +106,29 @@ def test_backbone_lr_multiplier_param_groups():
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
 
 
+def test_pretrained_preset_and_optimizer_configs():
+    from detectron2.config import LazyConfig, instantiate
+
+    lazy = LazyConfig.load(str(ROOT / "configs" / "common" / "models" / "dino_r50_pretrained.py"))
+    lazy.model.backbone.depth = 18
+    for name, ch in (("res3", 128), ("res4", 256), ("res5", 512)):
+        lazy.model.neck.input_shapes[name].channels = ch
+    lazy.model.transformer.encoder.num_layers = 1
+    lazy.model.transformer.decoder.num_layers = 1
+    model = instantiate(lazy.model)
+    assert not any(p.requires_grad for p in model.backbone.stem.parameters())
+    assert all(p.requires_grad for p in model.backbone.res2.parameters())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+
+    optim = LazyConfig.load(str(ROOT / "configs" / "common" / "optim.py")).AdamW
+    optim.params.model = model
+    optim.params.backbone_lr_multiplier = 0.01
+    opt = instantiate(optim)
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(model.backbone.res2[0].conv1.weight)] == pytest.approx(1e-6)
+    assert lrs[id(model.transformer.level_embed)] == pytest.approx(1e-4)
+
+
 # ----------------------------------------------------------------------------- CQ-DINO
 def _coco_cqdino_lazy():
     from detectron2.config import LazyConfig

@@ -34,7 +34,9 @@ class MaskedGroupNorm(nn.GroupNorm):
             return super().forward(x)
         B, C, H, W = x.shape
         G = self.num_groups
-        valid = (~mask).to(x.dtype)[:, None]  # (B, 1, H, W)
+        dtype = x.dtype
+        x = x.float()  # statistics in fp32, also under autocast (as nn.GroupNorm)
+        valid = (~mask).float()[:, None]  # (B, 1, H, W)
         xg = x.reshape(B, G, C // G, H, W)
         vg = valid[:, None]  # (B, 1, 1, H, W)
         n = vg.sum(dim=(2, 3, 4), keepdim=True) * (C // G)
@@ -42,8 +44,11 @@ class MaskedGroupNorm(nn.GroupNorm):
         var = (((xg - mean) * vg) ** 2).sum(dim=(2, 3, 4), keepdim=True) / n.clamp(min=1)
         y = ((xg - mean) / torch.sqrt(var + self.eps)).reshape(B, C, H, W)
         if self.affine:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return y
+            y = (
+                y * self.weight.float()[None, :, None, None]
+                + self.bias.float()[None, :, None, None]
+            )
+        return y.to(dtype)
 
 
 class _ConvGN(nn.Module):

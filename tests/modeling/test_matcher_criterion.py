@@ -94,7 +94,7 @@ def test_perfect_prediction_has_zero_box_loss(rng_seed):
     logits[0, slots, t[0]["labels"]] = 20.0
     losses = _criterion()({"pred_logits": logits, "pred_boxes": boxes}, t)
     assert losses["loss_bbox"].item() < 1e-6
-    assert losses["loss_giou"].item() < 1e-5
+    assert losses["loss_giou"].item() < 1e-3  # eps = 1e-7 in the IoU: ~1e-4 for small boxes
     assert losses["loss_class"].item() < 1e-6
 
 

@@ -236,3 +236,29 @@ def test_fake_selection_head_hooks_and_unselected_targets():
     cls1 = out[1]["instances"].pred_classes
     scores1 = out[1]["instances"].scores
     assert set(cls1[scores1 > 0].tolist()) <= {1, 3}
+
+
+@pytest.mark.cuda
+def test_cuda_training_step_and_inference():
+    torch.manual_seed(0)
+    model = tiny_dino(C, embed_dim=64, width=32).cuda()
+    losses = model(batch([(64, 96, 3), (80, 64, 0)], C))
+    assert all(v.device.type == "cuda" for v in losses.values())
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(batch([(64, 96, 0)], C))
+    assert out[0]["instances"].pred_boxes.tensor.device.type == "cuda"
+
+
+def test_bf16_autocast_training_step():
+    torch.manual_seed(0)
+    model = tiny_dino(C, embed_dim=64, width=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch([(64, 96, 3), (80, 64, 0)], C))
+    total = sum(v.float() for v in losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -109,7 +109,7 @@ def run_overfit(
 
 @pytest.mark.slow
 def test_overfit_two_coco_images(shared_data):
-    res = run_overfit(shared_data, max_iters=300, eval_every=25)
+    res = run_overfit(shared_data, max_iters=300, eval_every=50)
     assert res["ap50"] > 50.0, res
 
 
