@@ -88,15 +88,20 @@ def dt_arrays(image_id, category_id, bbox, score) -> BoxArrays:
     )
 
 
-def truncate_per_image(dt: BoxArrays, max_dets: int) -> BoxArrays:
-    """Keep each image's ``max_dets`` highest-scoring detections (over all categories)."""
+def truncation_index(dt: BoxArrays, max_dets: int) -> np.ndarray:
+    """Sorted indices of each image's ``max_dets`` highest-scoring detections."""
     if len(dt) == 0:
-        return dt
+        return np.zeros(0, np.int64)
     order = np.lexsort((-dt["score"], dt["image_id"]))  # by image, then score descending
     img = dt["image_id"][order]
     starts = np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
     rank = np.arange(len(img)) - np.repeat(starts, np.diff(np.r_[starts, len(img)]))
-    return dt.take(np.sort(order[rank < max_dets]))
+    return np.sort(order[rank < max_dets])
+
+
+def truncate_per_image(dt: BoxArrays, max_dets: int) -> BoxArrays:
+    """Keep each image's ``max_dets`` highest-scoring detections (over all categories)."""
+    return dt.take(truncation_index(dt, max_dets))
 
 
 def add_hierarchy_ignores(
@@ -273,14 +278,18 @@ def evaluate_boxes(
 
     positions(gt, "ground truth")
     positions(dt, "detections")
-    dt = truncate_per_image(dt, max_dets_per_image)
+    # Truncate and group detections with a single copy of the (possibly 9M-row) arrays.
+    keep = truncation_index(dt, max_dets_per_image)
+    kept = BoxArrays(image_id=dt["image_id"][keep], category_id=dt["category_id"][keep])
     if ancestors:
-        gt = add_hierarchy_ignores(gt, dt, ancestors)
+        gt = add_hierarchy_ignores(gt, kept, ancestors)
     # Group by category position, keeping input order within a category.
-    gpos, dpos = positions(gt, "ground truth"), positions(dt, "detections")
+    gpos, dpos = positions(gt, "ground truth"), positions(kept, "detections")
+    del kept
     gorder = np.argsort(gpos, kind="stable")
     dorder = np.argsort(dpos, kind="stable")
-    gt, dt = gt.take(gorder), dt.take(dorder)
+    gt, dt = gt.take(gorder), dt.take(keep[dorder])
+    del keep
     g_bounds = np.searchsorted(gpos[gorder], np.arange(K + 1))
     d_bounds = np.searchsorted(dpos[dorder], np.arange(K + 1))
     # Only categories with some GT get evaluated (no GT: undefined precision, excluded).
@@ -342,6 +351,27 @@ def frequency_groups(image_count: Sequence[int]) -> Dict[str, np.ndarray]:
     return out
 
 
+def load_image_count_file(path: str, category_ids: Sequence[int]) -> np.ndarray:
+    """Training images per category from a user file, in ``category_ids`` order.
+
+    Accepts a V3Det/LVIS-style category list (``[{"id", "image_count", ...}]``, e.g.
+    ``v3det_2023_v1_train_cat_info.json``), optionally under a ``categories`` key, or a
+    ``{category id: count}`` mapping. Categories absent from the file count 0.
+    """
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if isinstance(data, dict) and "categories" in data:
+        data = data["categories"]
+    try:
+        if isinstance(data, dict):
+            counts = {int(k): int(v) for k, v in data.items()}
+        else:
+            counts = {int(c["id"]): int(c["image_count"]) for c in data}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not an image-count file ({e})") from e
+    return np.asarray([counts.get(int(c), 0) for c in category_ids])
+
+
 def _load_gt_json(json_file: str, image_ids: Optional[set]) -> BoxArrays:
     with open(json_file, encoding="utf-8") as f:
         anns = json.load(f)["annotations"]
@@ -386,7 +416,8 @@ class V3DetEvaluator(DatasetEvaluator):
             output_dir: where to save the compact predictions (``v3det_predictions.npz``).
             distributed: gather predictions from all ranks.
             image_count: training images per category (contiguous order) for frequency AP;
-                default ``metadata.image_count``, else counted from ``metadata.train_json_file``.
+                default ``metadata.image_count``, else ``metadata.image_count_file`` (see
+                :func:`load_image_count_file`), else counted from ``metadata.train_json_file``.
         """
         self._dataset_name = dataset_name
         self._metadata = MetadataCatalog.get(dataset_name)
@@ -456,6 +487,9 @@ class V3DetEvaluator(DatasetEvaluator):
         ic = getattr(self._metadata, "image_count", None)
         if ic is not None:
             return np.asarray(ic)
+        user_file = getattr(self._metadata, "image_count_file", None)
+        if user_file:
+            return load_image_count_file(user_file, self._to_dataset)
         train_json = getattr(self._metadata, "train_json_file", None)
         if train_json and os.path.exists(train_json):
             from cqdino.data.datasets import image_counts_from_json

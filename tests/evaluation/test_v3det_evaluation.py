@@ -219,18 +219,23 @@ def test_dataset_evaluator_end_to_end(shared_data, tmp_path, caplog):
     assert "Per-frequency AP" in caplog.text
 
 
-def test_v3det_frequency_groups_from_cat_info(shared_data):
-    from cqdino.evaluation.v3det_evaluation import frequency_groups
+def test_v3det_frequency_groups_from_cat_info(shared_data, tmp_path):
+    from cqdino.evaluation.v3det_evaluation import frequency_groups, load_image_count_file
 
-    info = json.loads(
-        (shared_data / "categories" / "v3det_2023_v1_train_cat_info.json").read_text()
-    )
-    groups = frequency_groups([c["image_count"] for c in sorted(info, key=lambda c: c["id"])])
+    path = shared_data / "categories" / "v3det_2023_v1_train_cat_info.json"
+    counts = load_image_count_file(str(path), range(1, 13205))
+    assert counts[0] == 45  # ashtray
+    groups = frequency_groups(counts)
     assert {k: len(v) for k, v in groups.items()} == {
         "rare": 1218,
         "common": 11492,
         "frequent": 494,
     }
+    (tmp_path / "c.json").write_text(json.dumps({"3": 7, "1": 200}))
+    assert load_image_count_file(str(tmp_path / "c.json"), [1, 2, 3]).tolist() == [200, 0, 7]
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": 1}]))
+    with pytest.raises(ValueError, match="bad.json"):
+        load_image_count_file(str(tmp_path / "bad.json"), [1])
 
 
 def test_unknown_category_is_an_error():
