@@ -239,3 +239,31 @@ def test_cqdino_swin_configs_are_consistent():
         assert m.transformer.num_levels == levels == len(channels) + m.neck.num_extra_levels
         assert m.transformer.encoder.num_levels == m.transformer.decoder.num_levels == levels
         assert m.class_head.in_channels == channels[-1]  # selector reads the last stage
+
+
+def test_cqdino_optimizer_recipe_multipliers():
+    """From scratch every group has the base lr / decay; the pretrained preset puts the backbone
+    and class_head.category_queries (only those) at lr x 0.01 and weight decay x 10."""
+    from detectron2.config import LazyConfig, instantiate
+
+    from tests.modeling.cqdino_utils import tiny_cqdino
+
+    model = tiny_cqdino(10, topk=3, num_queries=10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for pretrained in (False, True):
+        optim = LazyConfig.load(str(ROOT / "configs" / "common" / "optim_cqdino.py")).AdamW
+        optim.params.model = model
+        optim.params.multipliers.pretrained = pretrained
+        opt = instantiate(optim)
+        seen = 0
+        for g in opt.param_groups:
+            for p in g["params"]:
+                n = names[id(p)]
+                seen += 1
+                scaled = pretrained and n.startswith(("backbone.", "class_head.category_queries."))
+                norm = p.dim() == 1 and ("norm" in n or ".bn" in n or "backbone" in n)
+                lr, wd = (4e-6, 1e-3) if scaled else (4e-4, 1e-4)
+                assert g["lr"] == pytest.approx(lr), n
+                if not norm:  # norm layers have weight decay 0 (x 10 = 0)
+                    assert g["weight_decay"] == pytest.approx(wd), n
+        assert seen == len(names)

@@ -3,7 +3,8 @@ with per-module multipliers. From scratch (default, offline) every multiplier is
 pretrained backbone / category-query initialisation set ``pretrained=True``: the backbone and
 ``class_head.category_queries`` train at lr x 0.01 and weight decay x 10. The training script
 sets ``optimizer.params.model = model`` before instantiating (as detectron2's
-``lazyconfig_train_net.py`` does)."""
+``lazyconfig_train_net.py`` does). Leaf configs: ``optimizer = <this file>.AdamW`` (the name
+follows ``configs/common/optim.py``)."""
 
 import torch
 from detectron2.config import LazyCall as L
@@ -11,7 +12,7 @@ from detectron2.config import LazyCall as L
 from cqdino.modeling import cqdino_recipe_multipliers
 from cqdino.modeling.param_groups import get_cqdino_optimizer_params
 
-optimizer = L(torch.optim.AdamW)(
+AdamW = L(torch.optim.AdamW)(
     params=L(get_cqdino_optimizer_params)(
         base_lr="${..lr}",
         weight_decay="${..weight_decay}",
