@@ -29,6 +29,8 @@ def _load(data_dir: Path):
     root = data_dir / "coco8"
     src = root / "annotations" / "coco8_train.json"
     name = "cqdino_coco8_overfit2"
+    if name in MetadataCatalog.list():  # a second run in this process: fresh json_file
+        MetadataCatalog.remove(name)
     dicts = [d for d in load_coco_json(str(src), str(root), name) if d["image_id"] in IMAGE_IDS]
     assert len(dicts) == len(IMAGE_IDS), f"images {IMAGE_IDS} missing from {src}"
     # The evaluator reads GT from a json: write one restricted to the two images.
