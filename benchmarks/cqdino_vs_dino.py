@@ -4,8 +4,9 @@ Both models are the small CPU test models of ``tests/modeling`` (R18 with width 
 2 + 2 transformer layers, 8 heads, FFN 128, 30 queries, 10 DN queries); DINO has the linear
 head over all C classes, CQ-DINO the contrastive head over K = min(100, C) selected categories
 with a narrow selector (width 64, FFN 128, 2 layers), encoder fusion (width 128) and decoder
-category attention. One iteration = forward + backward + AdamW step on a batch of two
-``--size`` images with ``--boxes`` GT boxes each.
+category attention; ``CQDINO-ckpt`` is CQ-DINO with the selector run in chunks of 1,024
+categories recomputed in backward (``selector_checkpoint=True``). One iteration = forward +
+backward + AdamW step on a batch of two ``--size`` images with ``--boxes`` GT boxes each.
 
 Each (model, C) runs in a fresh subprocess: build the model, one warm-up iteration, then reset
 the kernel's peak-RSS mark (``/proc/self/clear_refs``) and time ``--iters`` iterations; the
@@ -40,8 +41,11 @@ torch.manual_seed(0)
 C = a["C"]
 if a["model"] == "DINO":
     model = tiny_dino(C, embed_dim=64, ffn_dim=128, width=32, num_queries=30, dn_number=10)
-else:
+elif a["model"] == "CQDINO":
     model = tiny_cqdino(C, topk=100, num_queries=30, dn_number=10)
+else:  # selector chunks of 1024 categories recomputed in backward
+    model = tiny_cqdino(C, topk=100, num_queries=30, dn_number=10, selector_chunk_size=1024,
+                        selector_checkpoint=True)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 inputs = batch([(a["size"], a["size"], a["boxes"])] * 2, C)
 def status(key):
@@ -112,12 +116,19 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--size", type=int, default=128, help="square image side")
     ap.add_argument("--boxes", type=int, default=3, help="GT boxes per image")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["DINO", "CQDINO", "CQDINO-ckpt"],
+        choices=["DINO", "CQDINO", "CQDINO-ckpt"],
+        help="CQDINO-ckpt: selector in chunks of 1024 categories, recomputed in backward",
+    )
     ap.add_argument("--json", default=None, help="write the results here (atomically)")
     args = ap.parse_args(argv)
 
     rows = []
     for C in args.classes:
-        for model in ("DINO", "CQDINO"):  # interleaved: same machine state for each pair
+        for model in args.models:  # interleaved: same machine state for each C
             rows.append(run_one(model, C, args))
             print(f"done {model} C={C}", file=sys.stderr)
     load = os.getloadavg()
@@ -132,12 +143,12 @@ def main(argv=None) -> None:
         "iters": args.iters,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    head = f"{'model':<8} {'C':>6} {'s/iter (median)':>16} {'s/iter (min)':>13} "
+    head = f"{'model':<12} {'C':>6} {'s/iter (median)':>16} {'s/iter (min)':>13} "
     head += f"{'peak RSS MiB':>13} {'growth MiB':>11} {'params M':>9}"
     print(head)
     for r in rows:
         print(
-            f"{r['model']:<8} {r['C']:>6} {r['sec_per_iter_median']:>16.3f} "
+            f"{r['model']:<12} {r['C']:>6} {r['sec_per_iter_median']:>16.3f} "
             f"{r['sec_per_iter_min']:>13.3f} {r['peak_rss_mib']:>13.0f} "
             f"{r['rss_growth_mib']:>11.0f} {r['params_m']:>9.2f}"
         )
