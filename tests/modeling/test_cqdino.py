@@ -390,3 +390,25 @@ def test_activation_checkpointing_with_fusion_hooks_gives_the_same_step():
         torch.testing.assert_close(l0[k], l1[k])
     for n in g0:
         torch.testing.assert_close(g0[n], g1[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_bad_configuration_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="relation must be one of"):
+        _head(relation="graph")
+    with pytest.raises(ValueError, match="selection_loss must be one of"):
+        _head(selection_loss="focal")
+    with pytest.raises(ValueError, match="needs tree_file"):
+        _head(relation="tree")
+    missing = tmp_path / "nope.json"
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        _head(relation="tree", tree_file=str(missing))
+    tree = {"categoryid2treeid": {"1": "a", "2": "b"}, "child2father": {"b": ["a"]}}
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(tree))
+    with pytest.raises(ValueError, match=r"small.json has 2 categories, the model has C=10"):
+        _head(relation="tree", tree_file=str(path))
+    head = _head()
+    with pytest.raises(KeyError, match="res5"):
+        head.prepare({"res4": torch.zeros(1, 8, 2, 2)}, [(64, 64)])
+    with pytest.raises(ValueError, match="out of"):  # GT class outside [0, C)
+        head.prepare({"res5": torch.zeros(1, 8, 2, 2)}, [(64, 64)], [torch.tensor([C])])
