@@ -58,3 +58,44 @@ def add_cqdino_config(cfg: CN) -> None:
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.PIXEL_STD = [57.375, 57.120, 58.395]
+
+    _add_cqdino_category_config(cfg)
+
+
+def _add_cqdino_category_config(cfg: CN) -> None:
+    """``MODEL.CQDINO``: the CQ-DINO parts (``MODEL.META_ARCHITECTURE: "CQDINO"``). The number of
+    categories C is ``MODEL.DINO.NUM_CLASSES`` (one value for both heads); everything else of
+    the detector is read from ``MODEL.DINO``. Defaults are the COCO recipe (C = 80), buildable
+    offline; for V3Det set ``NUM_CLASSES: 13204``, ``TOPK: 100``, ``RELATION: "tree"``,
+    ``TREE_FILE: .../v3det_2023_v1_category_tree.json``, ``SELECTION_LOSS: "asl"``.
+    """
+    cfg.MODEL.CQDINO = CN()
+    c = cfg.MODEL.CQDINO
+    c.TOPK = 30  # K selected categories per image (V3Det 100, COCO 30); min(K, C) is used
+    # Category queries
+    c.QUERY_DIM = 768
+    c.RELATION = "self_attn"  # "tree" (V3Det, needs TREE_FILE) | "self_attn" (COCO) | "none"
+    c.TREE_FILE = ""  # category tree json in the V3Det layout
+    c.ANCESTOR_MASKING = True  # ignore unlabelled ancestors in the selection loss (needs tree)
+    c.EMBEDDINGS_FILE = ""  # optional [C, d] .pth/.npy initialisation (random otherwise)
+    # Category selector (last backbone stage); CPU configs use narrow widths
+    c.IN_FEATURE = "res5"
+    c.SELECTOR_MEMORY_DIM = 512
+    c.SELECTOR_NUM_HEADS = 4
+    c.SELECTOR_FFN_DIM = 3072
+    c.SELECTOR_NUM_LAYERS = 2
+    c.SELECTOR_CHUNK_SIZE = 2048  # categories per chunk (bounds attention/FFN memory)
+    c.SELECTOR_CHECKPOINT = False  # recompute chunk activations in backward
+    c.SELECTION_LOSS = "bce"  # "asl" (V3Det, weight 1) | "bce" (COCO, weight 0.1)
+    c.FORCE_GT = False  # force GT categories into the top-K in training
+    # Encoder image<->category fusion and decoder category cross-attention
+    c.FUSION_DIM = 1024
+    c.FUSION_NUM_HEADS = 4
+    c.FUSION_INIT_VALUES = 1e-4
+    c.FUSION_DROP_PATH = 0.0
+    c.DECODER_CATEGORY_HEADS = 8
+    # Stage 1: train only the category queries + selector with the selection loss
+    c.STAGE1 = False
+    c.STAGE1_EXTRA_TRAINABLE = []  # e.g. ["backbone"] when training from scratch
+    # Optimiser multipliers (pretrained recipe: backbone and class_head.category_queries at
+    # lr x 0.01, weight decay x 10; from scratch 1): cqdino.modeling.cqdino_recipe_multipliers

@@ -38,3 +38,32 @@ __all__ = [
     "DeformableEncoder",
     "DINOTransformer",
 ]
+
+# CQ-DINO (registers the "CQDINO" meta-architecture)
+from .contrastive_head import (  # noqa: E402
+    ContrastiveClassHead,
+    build_contrastive_class_head,
+    load_category_tree,
+)
+from .meta_arch_cqdino import (  # noqa: E402
+    CQDINO,
+    DecoderCategoryAttention,
+    EncoderCategoryFusion,
+    cqdino_recipe_multipliers,
+    decoder_category_attention,
+    encoder_fusion_layers,
+    install_category_hooks,
+)
+
+__all__ += [
+    "ContrastiveClassHead",
+    "build_contrastive_class_head",
+    "load_category_tree",
+    "CQDINO",
+    "DecoderCategoryAttention",
+    "EncoderCategoryFusion",
+    "cqdino_recipe_multipliers",
+    "decoder_category_attention",
+    "encoder_fusion_layers",
+    "install_category_hooks",
+]

@@ -29,6 +29,8 @@ def _load(data_dir: Path):
     root = data_dir / "coco8"
     src = root / "annotations" / "coco8_train.json"
     name = "cqdino_coco8_overfit2"
+    if name in MetadataCatalog.list():  # a second run in this process: fresh json_file
+        MetadataCatalog.remove(name)
     dicts = [d for d in load_coco_json(str(src), str(root), name) if d["image_id"] in IMAGE_IDS]
     assert len(dicts) == len(IMAGE_IDS), f"images {IMAGE_IDS} missing from {src}"
     # The evaluator reads GT from a json: write one restricted to the two images.
@@ -58,15 +60,19 @@ def run_overfit(
     target: float = 50.0,
     log=print,
     seed: int = 0,
+    model_fn=None,
 ):
-    """Train until AP50 > ``target`` (percent) or ``max_iters``; returns a result dict."""
+    """Train until AP50 > ``target`` (percent) or ``max_iters``; returns a result dict.
+    ``model_fn(num_classes=..., **sizes)`` builds another model (default ``tiny_dino``)."""
     from detectron2.evaluation import COCOEvaluator
 
     from tests.modeling.utils import tiny_dino
 
     torch.manual_seed(seed)
     name, json_path, train, test, num_classes = _load(data_dir)
-    model = tiny_dino(num_classes=num_classes, num_queries=100, ffn_dim=512, dn_number=20, width=32)
+    model = (model_fn or tiny_dino)(
+        num_classes=num_classes, num_queries=100, ffn_dim=512, dn_number=20, width=32
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
     out_dir = tempfile.mkdtemp()
     evaluator = COCOEvaluator(name, output_dir=out_dir, use_fast_impl=False)

@@ -1,0 +1,291 @@
+"""CQ-DINO's classification head: image-guided top-K category selection + contrastive logits.
+
+Relative to DINO's :class:`~cqdino.modeling.heads.LinearClassHead` (``Linear(256, C)`` over all
+C classes) the logit columns are the K categories selected for each image::
+
+    prepare():  E [C, 768] -> CategoryQueries -> CategorySelector(last backbone stage)
+                -> scores s [B, C] (selection loss), top-K indices [B, K],
+                   tokens T [B, K, 256]
+    forward():  logit(q, k) = <o_q, T_k> / sqrt(256) + b_layer    (padded slots -> -inf)
+
+A GT box's class target is its category's position among the image's K selected categories,
+or ``-1`` (all-zero focal target, class cost 0 in the matcher) when it was not selected; the
+DN label table has K + 1 rows, row K meaning "not selected".
+"""
+
+import math
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from cqdino.layers.topk_gather import contrastive_logits
+
+from .category_queries import (
+    CategoryQueries,
+    CategorySelector,
+    CategorySelfAttention,
+    TreeAggregation,
+)
+from .heads import ClassHead, ClassHeadState
+from .neck import level_masks
+from .selection_loss import SelectionLoss, image_level_targets
+
+__all__ = [
+    "ContrastiveClassHead",
+    "build_contrastive_class_head",
+    "load_category_tree",
+]
+
+
+class ContrastiveClassHead(ClassHead):
+    """Contrastive head over the per-image top-K categories (REFERENCE steps 2-4 and 8).
+
+    Owns the category queries, the category selector, the selection loss and one learnable
+    scalar bias per prediction layer (``L`` decoder layers + the encoder proposals), each
+    initialised to ``-log((1 - p) / p)`` with ``p = prior_prob``. One bias per layer because the
+    authors' head clones its contrastive branch per layer (each clone with its own bias), like
+    DINO's unshared linear heads; it costs ``L + 1`` parameters.
+
+    ``K = min(num_topk, C)`` is fixed at construction: every image gets exactly K real columns,
+    so :meth:`prepare` leaves ``state.valid`` as None (no padding). :meth:`forward` still masks
+    padded slots when a state carries a ``valid`` mask (a subclass or hook may pad).
+    """
+
+    def __init__(
+        self,
+        category_queries: CategoryQueries,
+        selector: CategorySelector,
+        selection_loss: SelectionLoss,
+        *,
+        num_decoder_layers: int = 6,
+        in_feature: str = "res5",
+        in_stride: int = 32,
+        ancestor_mask: Optional[Callable[[Tensor], Tensor]] = None,
+        force_gt: bool = False,
+        prior_prob: float = 0.01,
+    ):
+        """
+        Args:
+            category_queries: the C category queries (:class:`CategoryQueries`).
+            selector: :class:`CategorySelector`; its ``query_dim`` must equal the queries'
+                width and its ``out_proj`` width the transformer width.
+            selection_loss: :class:`SelectionLoss` on the selector's ``[B, C]`` scores.
+            num_decoder_layers: L; the head holds ``L + 1`` biases.
+            in_feature: backbone output the selector reads (the last stage).
+            in_stride: stride of ``in_feature`` (for its padding mask).
+            ancestor_mask: optional ``targets [B, C] bool -> ignore [B, C] bool`` (e.g.
+                ``CategoryTree.ancestor_mask``): ancestors of a positive category that are not
+                labelled themselves are left out of the selection loss.
+            force_gt: in training, force the image's GT categories into its top-K (the rest
+                filled by score; with more than K GT categories the K best-scoring are kept).
+            prior_prob: initial foreground probability of the contrastive logits.
+        """
+        super().__init__()
+        C = category_queries.num_categories
+        if selector.query_dim != category_queries.norm.normalized_shape[0]:
+            raise ValueError(
+                f"selector.query_dim={selector.query_dim} differs from the category-query width "
+                f"{category_queries.norm.normalized_shape[0]}"
+            )
+        self.category_queries = category_queries
+        self.selector = selector
+        self.selection_loss = selection_loss
+        self.ancestor_mask = ancestor_mask
+        self.num_categories = C
+        self.num_topk = min(selector.num_topk, C)
+        self.in_feature, self.in_stride = in_feature, in_stride
+        self.force_gt = force_gt
+        K = self.num_topk
+        # DN labels are prompt positions 0..K-1 plus row K = "category not selected".
+        self.num_dn_labels = K + 1
+        self.num_noise_labels = K
+        self.unselected_dn_label = K
+        bias = -math.log((1 - prior_prob) / prior_prob)
+        self.bias = nn.Parameter(torch.full((num_decoder_layers + 1,), bias))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.selector.out_proj.out_features
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_categories={self.num_categories}, num_topk={self.num_topk}, "
+            f"in_feature={self.in_feature!r}, force_gt={self.force_gt}, "
+            f"ancestor_mask={self.ancestor_mask is not None}"
+        )
+
+    def prepare(
+        self,
+        features: Dict[str, Tensor],
+        image_sizes: List[tuple],
+        gt_classes: Optional[List[Tensor]] = None,
+    ) -> ClassHeadState:
+        """Select each image's top-K categories.
+
+        Returns a state with ``indices [B, K]`` (dataset classes, best first), ``embeddings
+        [B, K, D]`` (tokens ``T``), ``valid`` None, and in training (``gt_classes`` given)
+        ``losses = {"loss_select": ...}``.
+        """
+        if self.in_feature not in features:
+            raise KeyError(
+                f"ContrastiveClassHead reads backbone output {self.in_feature!r}, the backbone "
+                f"gives {sorted(features)}"
+            )
+        x = features[self.in_feature]  # (B, Cin, H, W)
+        mask = level_masks(image_sizes, tuple(x.shape[-2:]), self.in_stride, x.device)
+        targets = force = None
+        if gt_classes is not None:
+            targets = image_level_targets(gt_classes, self.num_categories)  # (B, C) bool
+            if self.force_gt:
+                force = targets
+        out = self.selector(self.category_queries(), x, mask, force=force)
+        losses = {}
+        if targets is not None:
+            ignore = self.ancestor_mask(targets) if self.ancestor_mask is not None else None
+            losses["loss_select"] = self.selection_loss(out.scores, targets, ignore)
+        return ClassHeadState(indices=out.indices, embeddings=out.tokens, losses=losses)
+
+    def forward(self, hidden: Tensor, state: ClassHeadState, layer: Optional[int]) -> Tensor:
+        """``hidden [B, Q, D]`` -> ``[B, Q, K]`` contrastive logits (padded slots ``-inf``)."""
+        bias = self.bias[len(self.bias) - 1 if layer is None else layer]
+        return contrastive_logits(hidden, state.embeddings, bias, state.valid)
+
+    def map_targets(self, gt_classes: List[Tensor], state: ClassHeadState) -> List[Tensor]:
+        """Dataset classes -> position among the image's selected categories, ``-1`` if the
+        category was not selected (or only sits in a padded slot). One ``[B, C]`` lookup table
+        built by a scatter: no loop over categories, no device-to-host sync."""
+        indices = state.indices  # (B, K)
+        B, K = indices.shape
+        pos = torch.arange(K, device=indices.device).expand(B, K)
+        if state.valid is not None:
+            pos = pos.masked_fill(~state.valid, -1)
+        table = indices.new_full((B, self.num_categories), -1)
+        # amax: a padded slot (-1) never overwrites a real slot of the same category
+        table.scatter_reduce_(1, indices, pos, reduce="amax")
+        return [table[b, g.to(indices.device).long()] for b, g in enumerate(gt_classes)]
+
+
+def load_category_tree(
+    tree_file: Union[str, os.PathLike],
+    num_categories: int,
+    category_ids: Optional[Sequence[int]] = None,
+):
+    """Load a category tree in the V3Det tree-json layout and check it has C categories.
+
+    Args:
+        tree_file: the json file (``categoryid2treeid``, ``father2child``/``child2father``...).
+        num_categories: C of the model.
+        category_ids: dataset category ids in contiguous order (default: the tree's sorted
+            category ids, which is detectron2's contiguous order for COCO-style datasets).
+    """
+    from cqdino.data.hierarchy import CategoryTree  # the data package is optional for modeling
+
+    path = os.fspath(tree_file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"category tree file {path!r} does not exist (set the model's tree_file, or "
+            "relation='none' / 'self_attn' and ancestor_masking=False)"
+        )
+    tree = CategoryTree.from_v3det_json(path, category_ids)
+    if tree.num_categories != num_categories:
+        raise ValueError(
+            f"category tree {path} has {tree.num_categories} categories, the model has "
+            f"C={num_categories}"
+        )
+    return tree
+
+
+_SELECTION_LOSSES = {"asl": SelectionLoss.v3det, "bce": SelectionLoss.coco}
+_RELATIONS = ("tree", "self_attn", "none")
+
+
+def build_contrastive_class_head(
+    num_categories: int,
+    in_channels: int,
+    *,
+    num_decoder_layers: int = 6,
+    embed_dim: int = 256,
+    topk: int = 100,
+    query_dim: int = 768,
+    selector_memory_dim: int = 512,
+    selector_num_heads: int = 4,
+    selector_ffn_dim: int = 3072,
+    selector_num_layers: int = 2,
+    selector_chunk_size: int = 2048,
+    selector_checkpoint: bool = False,
+    relation: str = "tree",
+    self_attn_heads: int = 8,
+    tree_file: Optional[str] = None,
+    category_ids: Optional[Sequence[int]] = None,
+    ancestor_masking: bool = True,
+    init_embeddings: Optional[str] = None,
+    selection_loss: str = "asl",
+    force_gt: bool = False,
+    in_feature: str = "res5",
+    in_stride: int = 32,
+    prior_prob: float = 0.01,
+) -> ContrastiveClassHead:
+    """Build the head from plain values (the entry point of the yacs and LazyConfig configs).
+
+    Args:
+        num_categories: C.
+        in_channels: channels of the selector's backbone level (R50 res5: 2048).
+        num_decoder_layers: L of the decoder.
+        embed_dim: transformer width (width of the category tokens T).
+        topk: K (V3Det 100, COCO 30); ``min(K, C)`` is used.
+        query_dim, selector_*: category-query width and selector sizes (recipe: 768, memory
+            512, 4 heads, FFN 3072, 2 layers); CPU configs use narrow values.
+            ``selector_chunk_size``/``selector_checkpoint`` bound its memory at large C.
+        relation: "tree" (V3Det: :class:`TreeAggregation` over ``tree_file``), "self_attn"
+            (COCO: :class:`CategorySelfAttention`, ``self_attn_heads`` heads) or "none".
+        tree_file: category tree json (V3Det layout), needed by "tree" and by ancestor masking.
+        category_ids: dataset category ids in contiguous order, if not the tree's sorted ids.
+        ancestor_masking: mask ancestors of positives in the selection loss (needs the tree;
+            ignored without ``tree_file``).
+        init_embeddings: optional ``.pth``/``.npy`` ``[C, d]`` table for the category queries
+            (e.g. text embeddings); random init otherwise.
+        selection_loss: "asl" (V3Det: ASL gamma- 7, clip 0.05, sum, weight 1) or "bce" (COCO:
+            summed BCE, weight 0.1).
+        force_gt, in_feature, in_stride, prior_prob: see :class:`ContrastiveClassHead`.
+    """
+    if relation not in _RELATIONS:
+        raise ValueError(f"relation must be one of {_RELATIONS}, got {relation!r}")
+    if selection_loss not in _SELECTION_LOSSES:
+        raise ValueError(
+            f"selection_loss must be one of {sorted(_SELECTION_LOSSES)}, got {selection_loss!r}"
+        )
+    if relation == "tree" and not tree_file:
+        raise ValueError("relation='tree' needs tree_file (a category tree json)")
+    tree = load_category_tree(tree_file, num_categories, category_ids) if tree_file else None
+    if relation == "tree":
+        rel: Optional[nn.Module] = TreeAggregation(tree.category_dag())
+    elif relation == "self_attn":
+        rel = CategorySelfAttention(query_dim, self_attn_heads)
+    else:
+        rel = None
+    queries = CategoryQueries(num_categories, query_dim, rel, init_embeddings)
+    selector = CategorySelector(
+        in_channels,
+        num_topk=topk,
+        query_dim=query_dim,
+        memory_dim=selector_memory_dim,
+        num_heads=selector_num_heads,
+        ffn_dim=selector_ffn_dim,
+        num_layers=selector_num_layers,
+        out_dim=embed_dim,
+        chunk_size=selector_chunk_size,
+        checkpoint_chunks=selector_checkpoint,
+    )
+    return ContrastiveClassHead(
+        queries,
+        selector,
+        _SELECTION_LOSSES[selection_loss](),
+        num_decoder_layers=num_decoder_layers,
+        in_feature=in_feature,
+        in_stride=in_stride,
+        ancestor_mask=tree.ancestor_mask if (tree is not None and ancestor_masking) else None,
+        force_gt=force_gt,
+        prior_prob=prior_prob,
+    )
