@@ -128,7 +128,14 @@ def test_opcheck():
     )
 
 
-def test_fake_tensor_shapes():
+@pytest.mark.parametrize(
+    "forward, backward",
+    [
+        ("ms_deform_attn_forward", "ms_deform_attn_backward"),
+        ("_ms_deform_attn_forward_naive", "_ms_deform_attn_backward_naive"),
+    ],
+)
+def test_fake_tensor_shapes(forward, backward):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -137,8 +144,10 @@ def test_fake_tensor_shapes():
         starts = torch.tensor([0])
         loc = torch.empty(2, 11, 8, 1, 4, 2)
         attn = torch.empty(2, 11, 8, 1, 4)
-        out = op.ms_deform_attn_forward(value, shapes, starts, loc, attn)
+        out = getattr(op, forward)(value, shapes, starts, loc, attn)
         assert out.shape == (2, 11, 256)
+        gv, gl, ga = getattr(op, backward)(out, value, shapes, starts, loc, attn)
+        assert gv.shape == value.shape and gl.shape == loc.shape and ga.shape == attn.shape
 
 
 def test_compile_matches_eager():

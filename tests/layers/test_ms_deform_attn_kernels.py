@@ -158,21 +158,6 @@ def test_deterministic_flag_reaches_the_backward(monkeypatch):
         assert torch.equal(a, b)  # the CPU backward is deterministic either way
 
 
-def test_naive_ops_have_fake_impls():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        value = torch.empty(2, 30, 8, 32)
-        shapes = torch.tensor([[5, 6]])
-        starts = torch.tensor([0])
-        loc = torch.empty(2, 11, 8, 1, 4, 2)
-        attn = torch.empty(2, 11, 8, 1, 4)
-        out = op._ms_deform_attn_forward_naive(value, shapes, starts, loc, attn)
-        assert out.shape == (2, 11, 256)
-        gv, gl, ga = op._ms_deform_attn_backward_naive(out, value, shapes, starts, loc, attn)
-        assert gv.shape == value.shape and gl.shape == loc.shape and ga.shape == attn.shape
-
-
 # --- CUDA -----------------------------------------------------------------------------------
 
 
