@@ -16,7 +16,7 @@ from torch import nn
 
 from cqdino.modeling import CQDINO, ClassHeadState, build_contrastive_class_head
 from tests.modeling.cqdino_utils import tiny_cqdino
-from tests.modeling.utils import batch
+from tests.modeling.utils import assert_checkpointing_is_exact, batch
 
 REPO = Path(__file__).resolve().parents[2]
 C, K = 10, 3
@@ -377,19 +377,10 @@ def test_overfit_two_coco_images(shared_data):
 
 def test_activation_checkpointing_with_fusion_hooks_gives_the_same_step():
     inputs = batch([(64, 96, 3), (64, 64, 1)], C)
-    results = []
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        model = tiny_cqdino(C, topk=K, num_queries=20, dn_number=10, use_checkpoint=ckpt)
-        torch.manual_seed(1)
-        losses = model(inputs)
-        sum(losses.values()).backward()
-        results.append((losses, {n: p.grad for n, p in model.named_parameters()}))
-    (l0, g0), (l1, g1) = results
-    for k in l0:
-        torch.testing.assert_close(l0[k], l1[k])
-    for n in g0:
-        torch.testing.assert_close(g0[n], g1[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert_checkpointing_is_exact(
+        lambda ckpt: tiny_cqdino(C, topk=K, num_queries=20, dn_number=10, use_checkpoint=ckpt),
+        inputs,
+    )
 
 
 def test_bad_configuration_errors_name_the_problem(tmp_path):

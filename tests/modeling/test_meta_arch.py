@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cqdino.modeling import ClassHead, ClassHeadState
-from tests.modeling.utils import batch, tiny_dino
+from tests.modeling.utils import assert_checkpointing_is_exact, batch, tiny_dino
 
 C = 10
 
@@ -62,19 +62,9 @@ def test_images_without_gt_train_and_every_parameter_gets_a_gradient(gt_counts):
 
 def test_activation_checkpointing_gives_the_same_step():
     inputs = batch([(64, 96, 3), (64, 64, 1)], C)
-    results = []
-    for ckpt in (False, True):
-        torch.manual_seed(0)
-        model = tiny_dino(C, embed_dim=64, width=32, use_checkpoint=ckpt)
-        torch.manual_seed(1)
-        losses = model(inputs)
-        sum(losses.values()).backward()
-        results.append((losses, {n: p.grad for n, p in model.named_parameters()}))
-    (l0, g0), (l1, g1) = results
-    for k in l0:
-        torch.testing.assert_close(l0[k], l1[k])
-    for n in g0:
-        torch.testing.assert_close(g0[n], g1[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert_checkpointing_is_exact(
+        lambda ckpt: tiny_dino(C, embed_dim=64, width=32, use_checkpoint=ckpt), inputs
+    )
 
 
 def test_inference_output_format():
