@@ -132,11 +132,12 @@ class ClassHead(nn.Module):
     def map_dn_labels(self, targets: Tensor) -> Tensor:
         """Mapped targets (from :meth:`map_targets`) -> rows of the DN label table."""
         if self.unselected_dn_label is None:
-            if targets.numel() and bool((targets < 0).any()):
-                raise ValueError(
-                    f"{type(self).__name__}.map_targets produced -1 targets but the head has no "
-                    "unselected_dn_label row"
-                )
+            # asynchronous on accelerators (no host sync per image); raises at once on the CPU
+            torch._assert_async(
+                (targets >= 0).all(),
+                f"{type(self).__name__}.map_targets produced -1 targets but the head has no "
+                "unselected_dn_label row",
+            )
             return targets
         return torch.where(targets < 0, torch.full_like(targets, self.unselected_dn_label), targets)
 

@@ -237,3 +237,13 @@ def test_box_ops_inverse_sigmoid_finite():
     x = torch.tensor([0.0, 0.5, 1.0])
     y = inverse_sigmoid(x)
     assert torch.isfinite(y).all() and y[1] == 0
+
+
+def test_map_dn_labels_rejects_unmapped_targets_without_a_dn_row():
+    head = LinearClassHead(7, 64, 2)  # no "not selected" row
+    labels = torch.tensor([3, 0, 6])
+    assert torch.equal(head.map_dn_labels(labels), labels)
+    with pytest.raises(RuntimeError, match="no unselected_dn_label row"):
+        head.map_dn_labels(torch.tensor([3, -1]))
+    head.unselected_dn_label = 7  # a head with the extra row maps -1 to it
+    assert head.map_dn_labels(torch.tensor([3, -1])).tolist() == [3, 7]
