@@ -96,6 +96,24 @@ at::Tensor topk_position_map(const at::Tensor& indices, int64_t num_categories) 
   return pos;
 }
 
+TopkForwardPlan plan_topk_gather_forward(const at::Tensor& scores, const at::Tensor& embeddings,
+                                         int64_t k, const c10::optional<at::Tensor>& force) {
+  TopkForwardPlan p;
+  p.sizes = check_topk_gather_inputs(scores, embeddings, k, force);
+  const TopkSizes& s = p.sizes;
+  p.scores = scores.contiguous();
+  p.embeddings = embeddings.stride(-1) == 1 ? embeddings : embeddings.contiguous();
+  if (force.has_value()) p.force = force->contiguous();
+  p.force_ptr = p.force.defined() ? p.force.data_ptr<bool>() : nullptr;
+  p.indices = at::empty({s.batch, k}, p.scores.options().dtype(at::kLong));
+  p.gathered = at::empty({s.batch, k, s.dim}, p.embeddings.options());
+  const int64_t elem = p.embeddings.element_size();
+  p.row_bytes = s.dim * elem;
+  p.stride_b = s.shared ? 0 : p.embeddings.stride(0) * elem;
+  p.stride_c = p.embeddings.stride(s.shared ? 0 : 1) * elem;
+  return p;
+}
+
 }  // namespace cqdino
 
 TORCH_LIBRARY_FRAGMENT(cqdino, m) {

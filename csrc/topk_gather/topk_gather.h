@@ -25,6 +25,20 @@ struct TopkSizes {
 TopkSizes check_topk_gather_inputs(const at::Tensor& scores, const at::Tensor& embeddings,
                                    int64_t k, const c10::optional<at::Tensor>& force);
 
+// What the CPU and CUDA forward share: the checked sizes, inputs made contiguous where the
+// kernels need it, the allocated outputs, and the byte strides of the row gather.
+struct TopkForwardPlan {
+  TopkSizes sizes;
+  at::Tensor scores, embeddings, force, indices, gathered;
+  const bool* force_ptr;  // nullptr without a force mask
+  int64_t row_bytes;      // D * element size
+  int64_t stride_b;       // bytes between images (0 for shared embeddings)
+  int64_t stride_c;       // bytes between categories
+};
+
+TopkForwardPlan plan_topk_gather_forward(const at::Tensor& scores, const at::Tensor& embeddings,
+                                         int64_t k, const c10::optional<at::Tensor>& force);
+
 // Validates the backward's inputs and returns grad_gathered made contiguous.
 at::Tensor check_topk_gather_backward_inputs(const at::Tensor& grad_gathered,
                                              const at::Tensor& indices, int64_t num_categories);

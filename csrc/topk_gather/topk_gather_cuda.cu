@@ -210,25 +210,17 @@ void launch_forward(const at::Tensor& scores, const bool* force, const TopkSizes
 std::tuple<at::Tensor, at::Tensor> topk_category_gather_cuda(
     const at::Tensor& scores_in, const at::Tensor& embeddings_in, int64_t k,
     const c10::optional<at::Tensor>& force_in) {
-  const TopkSizes s = check_topk_gather_inputs(scores_in, embeddings_in, k, force_in);
+  // checks first (a clear error for a CPU tensor), then the device guard
+  const TopkForwardPlan plan = plan_topk_gather_forward(scores_in, embeddings_in, k, force_in);
   const c10::cuda::CUDAGuard guard(scores_in.device());
-  const auto scores = scores_in.contiguous();
-  const auto embeddings =
-      embeddings_in.stride(-1) == 1 ? embeddings_in : embeddings_in.contiguous();
-  at::Tensor force;
-  if (force_in.has_value()) force = force_in->contiguous();
-  const bool* force_ptr = force.defined() ? force.data_ptr<bool>() : nullptr;
-
-  auto indices = at::empty({s.batch, k}, scores.options().dtype(at::kLong));
-  auto gathered = at::empty({s.batch, k, s.dim}, embeddings.options());
+  const TopkSizes& s = plan.sizes;
+  const at::Tensor& scores = plan.scores;
+  at::Tensor indices = plan.indices, gathered = plan.gathered;
   if (s.batch == 0) return {indices, gathered};
   TORCH_CHECK_VALUE(s.batch <= 0x7FFFFFFF, "topk_category_gather: batch too large (", s.batch, ")");
-
-  const int64_t elem = embeddings.element_size();
-  const int64_t row_bytes = s.dim * elem;
-  const int64_t stride_b = s.shared ? 0 : embeddings.stride(0) * elem;
-  const int64_t stride_c = embeddings.stride(s.shared ? 0 : 1) * elem;
-  const char* emb = static_cast<const char*>(embeddings.data_ptr());
+  const bool* force_ptr = plan.force_ptr;
+  const int64_t row_bytes = plan.row_bytes, stride_b = plan.stride_b, stride_c = plan.stride_c;
+  const char* emb = static_cast<const char*>(plan.embeddings.data_ptr());
   const int vec_bytes = vector_bytes(emb, gathered.data_ptr(), stride_b, stride_c, row_bytes);
   const int64_t sort_n = next_pow2(k);
   const int64_t max_smem =
