@@ -7,8 +7,6 @@ tree-json layout, an explicit per-layer selector computation and ``torch.topk``.
 
 import json
 import math
-import os
-import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -26,8 +24,7 @@ from cqdino.modeling.category_queries import (
     TreeAggregation,
     load_category_embeddings,
 )
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.memory_probe import run_child
 
 
 def _w(n_desc: int, C: int) -> float:
@@ -384,41 +381,22 @@ sel = CategorySelector(cfg["cin"], num_topk=100, query_dim=cfg["dim"], memory_di
                        chunk_size=cfg["chunk"], checkpoint_chunks=cfg["grad"])
 q = torch.randn(cfg["C"], cfg["dim"], requires_grad=cfg["grad"])
 f = torch.randn(cfg["B"], cfg["cin"], cfg["hw"], cfg["hw"])
-def status(key):  # kB values of this process (VmHWM is per address space, unlike ru_maxrss)
-    with open("/proc/self/status") as fh:
-        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(key + ":"))
-try:  # reset the peak-RSS mark, so VmHWM is the peak of the forward alone
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-except OSError:
-    pass
-base = status("VmRSS")
+from tests.memory_probe import reset_peak_rss, rss_bytes
+reset_peak_rss()  # VmHWM becomes the peak of the forward alone
+base = rss_bytes("VmRSS")
 with torch.set_grad_enabled(cfg["grad"]):
     out = sel(q, f)
     if cfg["grad"]:
         (out.scores.sum() + out.tokens.sum()).backward()
         assert torch.isfinite(q.grad).all()
 assert torch.isfinite(out.scores).all() and out.indices.shape == (cfg["B"], 100)
-peak = status("VmHWM")
+peak = rss_bytes("VmHWM")
 print(json.dumps({"base_mib": base / 2**20, "peak_mib": peak / 2**20}))
 """
 
 
 def _run_mem(cfg):
-    # fixed mmap threshold: freed large blocks go back to the OS, so peak RSS tracks live memory
-    env = dict(
-        os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", _MEM_SCRIPT, json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    r = json.loads(res.stdout.strip().splitlines()[-1])
+    r = run_child(_MEM_SCRIPT, json.dumps(cfg), timeout=300)
     growth = r["peak_mib"] - r["base_mib"]
     print(f"\n{cfg}: peak RSS {r['peak_mib']:.0f} MiB, growth during forward {growth:.0f} MiB")
     return growth

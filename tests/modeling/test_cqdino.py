@@ -5,20 +5,16 @@ two coco8 images."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from cqdino.modeling import CQDINO, ClassHeadState, build_contrastive_class_head
+from tests.memory_probe import run_child
 from tests.modeling.cqdino_utils import tiny_cqdino
 from tests.modeling.utils import assert_checkpointing_is_exact, batch
 
-REPO = Path(__file__).resolve().parents[2]
 C, K = 10, 3
 
 
@@ -303,15 +299,9 @@ torch.manual_seed(0)
 C = 13204
 model = tiny_cqdino(C, topk=100, num_queries=30, dn_number=10)
 inputs = batch([(64, 64, 2), (64, 64, 0)], C)
-def status(key):
-    with open("/proc/self/status") as fh:
-        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(key + ":"))
-try:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-except OSError:
-    pass
-base = status("VmRSS")
+from tests.memory_probe import reset_peak_rss, rss_bytes
+reset_peak_rss()
+base = rss_bytes("VmRSS")
 t0 = time.perf_counter()
 losses = model(inputs)
 total = sum(losses.values())
@@ -320,26 +310,14 @@ sec = time.perf_counter() - t0
 ok = all(bool(torch.isfinite(v)) for v in losses.values())
 missing = [n for n, p in model.named_parameters() if p.grad is None]
 print(json.dumps({"finite": ok, "missing": missing, "keys": sorted(losses), "sec": sec,
-                  "base_mib": base / 2**20, "peak_mib": status("VmHWM") / 2**20,
+                  "base_mib": base / 2**20, "peak_mib": rss_bytes("VmHWM") / 2**20,
                   "embed_grad": model.class_head.category_queries.embeddings.grad.shape[0]}))
 """
 
 
 @pytest.mark.slow
 def test_training_step_at_v3det_scale_has_finite_losses_and_bounded_memory():
-    env = dict(
-        os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072"
-    )
-    res = subprocess.run(
-        [sys.executable, "-c", _STEP_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    r = json.loads(res.stdout.strip().splitlines()[-1])
+    r = run_child(_STEP_SCRIPT)
     print(
         f"\nCQDINO C=13204 train step: {r['sec']:.2f} s, peak RSS {r['peak_mib']:.0f} MiB "
         f"(+{r['peak_mib'] - r['base_mib']:.0f} MiB during the step)"
