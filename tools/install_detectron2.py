@@ -33,6 +33,19 @@ INDEX_URL = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/
 STUB_C = '''"""Stand-in for detectron2's compiled ops, which this install does not build."""
 
 
+# What detectron2.utils.collect_env (run by default_setup) asks of the compiled module.
+def get_compiler_version():
+    return "none (detectron2 installed without compiled ops)"
+
+
+def get_cuda_version():
+    return "none"
+
+
+def has_cuda():
+    return False
+
+
 def __getattr__(name):
     raise RuntimeError(
         f"detectron2._C.{name} is unavailable: detectron2 was installed without its compiled "
@@ -145,6 +158,13 @@ def main():
     checkout = os.environ.get("DETECTRON2_PATH")
     where = installed_detectron2()
     if where and not args.force:
+        stub = os.path.join(os.path.dirname(where), "_C.py")
+        if os.path.isfile(stub):  # our stand-in: keep it current
+            with open(stub) as f:
+                if f.read() != STUB_C:
+                    with open(stub, "w") as g:
+                        g.write(STUB_C)
+                    print(f"updated the detectron2._C stand-in: {stub}")
         print(f"detectron2 already installed: {where}")
         return
     if checkout:

@@ -1,0 +1,74 @@
+"""The embedded demo: a small CQ-DINO trained from scratch on the CPU on the synthetic vast
+vocabulary (1,000 long-tailed categories in a category tree; ``common/data/synthetic.py``).
+
+    make demo                     # generates the data if absent, trains, evaluates, plots
+    python projects/train_net.py --config-file configs/demo.py [--num-gpus N]
+
+Same method as ``v3det.py`` at demo width: R18 (half width), d=128, 2 + 3 transformer layers,
+100 queries, top-K 30, tree aggregation over the dataset's tree, ASL with ancestor masking;
+category queries initialised from bag-of-words name embeddings (the offline stand-in for the
+authors' text embeddings; ``cqdino/data/name_embeddings.py``).
+"""
+
+from detectron2.config import LazyCall as L
+from detectron2.layers import ShapeSpec
+
+from cqdino.data.build import category_tree_file
+from cqdino.data.name_embeddings import name_embedding_file
+
+from .common.data.synthetic import dataloader
+from .common.models.cqdino_r50 import model
+from .common.optim_cqdino import AdamW as optimizer
+from .common.train import lr_multiplier, train
+
+EMBED = 128
+
+# R18 at quarter width; the transformer reads res4, res5 and one extra level (strides 16-64)
+model.backbone.depth = 18
+model.backbone.width = 16
+model.backbone.out_features = ["res4", "res5"]
+model.neck.input_shapes = {
+    "res4": L(ShapeSpec)(channels=64, stride=16),
+    "res5": L(ShapeSpec)(channels=128, stride=32),
+}
+model.neck.in_features = ["res4", "res5"]
+model.transformer.num_levels = 3
+model.neck.out_channels = EMBED
+model.neck.num_groups = 32
+model.position_embedding.num_pos_feats = EMBED // 2
+model.transformer.embed_dim = EMBED
+for part, layers in (("encoder", 2), ("decoder", 3)):
+    getattr(model.transformer, part).num_layers = layers
+    getattr(model.transformer, part).embed_dim = EMBED
+    getattr(model.transformer, part).ffn_dim = 512
+    getattr(model.transformer, part).num_levels = 3
+model.transformer.num_queries = 100
+model.dn_number = 30
+model.transformer.encoder.fusion_layers.fusion_dim = 128
+model.transformer.decoder.category_attn.num_heads = 8
+
+model.class_head.num_categories = 1000
+model.class_head.topk = 30
+model.class_head.query_dim = 128
+model.class_head.selector_memory_dim = 128
+model.class_head.selector_ffn_dim = 256
+model.class_head.selector_num_layers = 1
+model.class_head.relation = "tree"
+model.class_head.tree_file = L(category_tree_file)(dataset_name="${dataloader.train.dataset.names}")
+model.class_head.init_embeddings = L(name_embedding_file)(
+    dataset_name="${dataloader.train.dataset.names}", dim="${..query_dim}"
+)
+
+optimizer.lr = 4e-4
+
+# 6 epochs x 2,000 images / 8 per batch = 1,500 iterations
+train.epochs = 6
+train.images_per_epoch = 2000
+train.max_iter = 1500
+train.device = "cpu"
+train.seed = 0
+lr_multiplier.warmup_iters = 100
+train.checkpointer = dict(period=500, max_to_keep=2)
+train.eval_period = 500
+train.log_period = 20
+train.output_dir = "./output/demo"

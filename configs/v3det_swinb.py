@@ -1,0 +1,12 @@
+"""CQ-DINO Swin-B on V3Det: ``v3det.py`` (V3Det class head, data, 24-epoch recipe at batch 16)
+with the timm Swin-B backbone (4 levels) of ``common/models/cqdino_swin_b.py``.
+
+    python projects/train_net.py --config-file configs/v3det_swinb.py --num-gpus 8
+"""
+
+from .common.models.cqdino_swin_b import model
+from .v3det import dataloader, lr_multiplier, optimizer, train
+from .v3det import model as _v3det_r50
+
+model.class_head = _v3det_r50.class_head  # V3Det head settings (tree from the dataset metadata)
+train.output_dir = "./output/v3det_cqdino_swinb"

@@ -1,0 +1,356 @@
+"""Training and test data loaders that resume exactly.
+
+detectron2's infinite ``TrainingSampler`` restarts from its seed when a run is resumed, and the
+augmentation randomness of each sample depends on the worker and the process RNG. Here:
+
+* :class:`ResumableTrainingSampler` is one infinite, seeded stream of dataset indices shared by
+  all ranks (rank ``r`` of ``W`` takes stream positions ``r, r + W, ...``), optionally with
+  class-aware repeat factors; every item carries its global stream position.
+* :class:`SeededMapDataset` maps an item with the process RNGs (``random``, ``numpy``, ``torch``)
+  seeded from ``(seed, position)``, so a sample's augmentation is the same whatever the number of
+  workers, the number of ranks, or where a run was resumed.
+* :class:`ResumableBatchLoader` batches the mapped stream (grouped by aspect ratio like
+  detectron2's ``AspectRatioGroupedDataset``) and has a ``state_dict``: the number of stream
+  items this rank has consumed and the items waiting in the aspect-ratio buckets. Loading it
+  before the first iteration continues the stream exactly where the checkpoint left it.
+
+The test loader is detectron2's ``build_detection_test_loader`` (batch 1, inference sampler).
+"""
+
+import itertools
+import logging
+import os
+import random
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
+from detectron2.data.build import filter_images_with_only_crowd_annotations, worker_init_reset_seed
+from detectron2.utils import comm
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .sampler import repeat_factors_from_category_frequency
+
+__all__ = [
+    "DatasetNotFoundError",
+    "check_datasets",
+    "get_dataset_dicts",
+    "ResumableTrainingSampler",
+    "SeededMapDataset",
+    "ResumableBatchLoader",
+    "build_train_loader",
+    "build_test_loader",
+    "category_tree_file",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetNotFoundError(RuntimeError):
+    """A registered dataset whose files are not where its registration looks."""
+
+
+def _missing_message(name: str, path: str) -> str:
+    root = os.getenv("DETECTRON2_DATASETS")
+    where = (
+        f"$DETECTRON2_DATASETS={root}" if root else "./datasets ($DETECTRON2_DATASETS is unset)"
+    )
+    return (
+        f"dataset {name!r}: {path} does not exist (looked under {where}). Put the dataset there "
+        "or set DETECTRON2_DATASETS to the folder that holds it; the expected layout is in "
+        "docs/data_and_evaluation.md."
+    )
+
+
+def check_datasets(names: Union[str, Sequence[str]]) -> None:
+    """Fail early, with one clear message, when a dataset's files are missing.
+
+    A dataset whose ``json_file`` is absent is loaded once (the synthetic vocabulary generates
+    itself on first use); if that fails too, :class:`DatasetNotFoundError` names the dataset,
+    the path and ``$DETECTRON2_DATASETS``.
+    """
+    for name in [names] if isinstance(names, str) else names:
+        if name not in DatasetCatalog.list():
+            raise DatasetNotFoundError(
+                f"dataset {name!r} is not registered (import cqdino.data registers v3det_* and "
+                "synthetic_vocab_*; detectron2 registers coco_2017_*)"
+            )
+        meta = MetadataCatalog.get(name)
+        json_file = meta.get("json_file")
+        if json_file is None or os.path.isfile(json_file):
+            continue
+        try:
+            DatasetCatalog.get(name)
+        except Exception as e:
+            raise DatasetNotFoundError(_missing_message(name, json_file)) from e
+        if not os.path.isfile(json_file):
+            raise DatasetNotFoundError(_missing_message(name, json_file))
+
+
+def get_dataset_dicts(
+    names: Union[str, Sequence[str]], filter_empty: bool = True
+) -> List[Dict[str, Any]]:
+    """Dataset dicts of one or more registered datasets, concatenated (missing files raise
+    :class:`DatasetNotFoundError`); ``filter_empty`` drops images without non-crowd boxes."""
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError("get_dataset_dicts: no dataset names given")
+    check_datasets(names)
+    dicts = []
+    for name in names:
+        d = DatasetCatalog.get(name)
+        if not d:
+            raise ValueError(f"dataset {name!r} is empty")
+        dicts.extend(d)
+    if filter_empty:
+        dicts = filter_images_with_only_crowd_annotations(dicts)
+    return dicts
+
+
+class ResumableTrainingSampler(Sampler):
+    """Infinite stream of ``(index, position)`` for this rank.
+
+    Args:
+        size: dataset length.
+        shuffle: a new permutation every epoch (else ``0..size-1`` repeated).
+        seed: stream seed; must be the same on all ranks (default: a seed shared by all ranks).
+        repeat_factors: optional (size,) float tensor (class-aware repeat-factor sampling); each
+            epoch repeats image ``i`` ``floor(r_i)`` times plus once more with probability
+            ``frac(r_i)``.
+        start: stream items this rank has already consumed (resume).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        shuffle: bool = True,
+        seed: Optional[int] = None,
+        repeat_factors: Optional[torch.Tensor] = None,
+        start: int = 0,
+    ):
+        if size <= 0:
+            raise ValueError(f"ResumableTrainingSampler: dataset size must be > 0, got {size}")
+        if repeat_factors is not None and len(repeat_factors) != size:
+            raise ValueError(
+                f"repeat_factors has {len(repeat_factors)} entries for a dataset of {size}"
+            )
+        self._size = size
+        self._shuffle = shuffle
+        self._seed = int(comm.shared_random_seed() if seed is None else seed)
+        self._repeat = None if repeat_factors is None else torch.as_tensor(repeat_factors)
+        self._rank = comm.get_rank()
+        self._world = comm.get_world_size()
+        self.start = int(start)
+
+    def _epochs(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self._seed)
+        while True:
+            if self._repeat is None:
+                indices = torch.arange(self._size)
+            else:
+                whole = self._repeat.floor()
+                extra = torch.rand(self._size, generator=g) < (self._repeat - whole)
+                indices = torch.repeat_interleave(torch.arange(self._size), (whole + extra).long())
+            if self._shuffle:
+                indices = indices[torch.randperm(len(indices), generator=g)]
+            yield from indices.tolist()
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        first = self._rank + self.start * self._world
+        stream = itertools.islice(enumerate(self._epochs()), first, None, self._world)
+        for position, index in stream:
+            yield index, position
+
+
+class SeededMapDataset(Dataset):
+    """``mapper(dataset[index])`` with the RNGs seeded by ``(seed, position)``.
+
+    The caller's RNG states are restored afterwards, so mapping in the main process
+    (``num_workers=0``) does not disturb the model's random stream. Items are indexed by the
+    ``(index, position)`` pairs of :class:`ResumableTrainingSampler`.
+    """
+
+    def __init__(self, dataset: Sequence[dict], mapper, seed: int):
+        self.dataset = dataset
+        self.mapper = mapper
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Tuple[int, Optional[dict]]:
+        index, position = key
+        seed = np.random.SeedSequence([self.seed, position]).generate_state(2)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                random.seed(int(seed[0]))
+                np.random.seed(int(seed[1]))
+                torch.manual_seed(int(seed[0]) << 32 | int(seed[1]))
+                out = self.mapper(self.dataset[index])
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return position, out
+
+
+def _first(batch):
+    return batch[0]
+
+
+class ResumableBatchLoader:
+    """Batches of ``batch_size`` mapped items from a loader of ``(position, item)``, grouped by
+    aspect ratio (``w > h`` or not) when ``aspect_ratio_grouping``; ``None`` items (bad records
+    the mapper skipped) are dropped. ``state_dict()`` describes where this rank's stream is."""
+
+    def __init__(
+        self,
+        dataset: SeededMapDataset,
+        sampler: ResumableTrainingSampler,
+        batch_size: int,
+        aspect_ratio_grouping: bool = True,
+        num_workers: int = 0,
+    ):
+        self.dataset = dataset
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.aspect_ratio_grouping = aspect_ratio_grouping
+        self.num_workers = num_workers
+        self._consumed = sampler.start
+        self._pending: List[List[int]] = [[], []]  # positions waiting per bucket
+        self._restored: List[Tuple[int, int]] = []  # (index, position) to re-map on resume
+        self._index_of: Dict[int, int] = {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "consumed": self._consumed,
+            "pending": [[[self._index_of[p], p] for p in b] for b in self._pending],
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._consumed = int(state["consumed"])
+        self.sampler.start = self._consumed
+        self._pending = [[], []]
+        self._restored = [(int(i), int(p)) for b in state["pending"] for i, p in b]
+
+    def _mapped(self) -> Iterator[Tuple[int, Optional[dict]]]:
+        for key in self._restored:  # bucket contents at the checkpoint: not new stream items
+            yield self.dataset[key]
+        self._restored = []
+        loader = DataLoader(
+            self.dataset,
+            sampler=self.sampler,
+            batch_size=1,
+            num_workers=self.num_workers,
+            collate_fn=_first,
+            worker_init_fn=worker_init_reset_seed,
+        )
+        for position, item in loader:
+            self._consumed += 1
+            yield position, item
+
+    def __iter__(self) -> Iterator[List[dict]]:
+        buckets: List[List[dict]] = [[], []]
+        for position, item in self._mapped():
+            if item is None:
+                continue
+            self._index_of[position] = item.pop("_index")
+            b = 0 if not self.aspect_ratio_grouping or item["width"] > item["height"] else 1
+            buckets[b].append(item)
+            self._pending[b].append(position)
+            if len(buckets[b]) == self.batch_size:
+                for p in self._pending[b]:
+                    del self._index_of[p]
+                self._pending[b] = []
+                out, buckets[b] = buckets[b], []
+                yield out
+
+
+class _IndexedMapper:
+    """Wraps a mapper so the mapped dict remembers its dataset index (for the loader state)."""
+
+    def __init__(self, mapper):
+        self.mapper = mapper
+
+    def __call__(self, record):
+        index, record = record
+        out = self.mapper(record)
+        if out is not None:
+            out["_index"] = index
+        return out
+
+
+class _IndexedList:
+    def __init__(self, dicts: Sequence[dict]):
+        self.dicts = dicts
+
+    def __len__(self) -> int:
+        return len(self.dicts)
+
+    def __getitem__(self, i: int):
+        return i, self.dicts[i]
+
+
+def build_train_loader(
+    dataset: Sequence[dict],
+    mapper,
+    total_batch_size: int,
+    *,
+    num_workers: int = 0,
+    aspect_ratio_grouping: bool = True,
+    repeat_threshold: Optional[float] = None,
+    seed: Optional[int] = None,
+    shuffle: bool = True,
+) -> ResumableBatchLoader:
+    """The training loader: infinite, exactly resumable (see the module docstring).
+
+    Args:
+        dataset: dataset dicts (e.g. ``L(get_dataset_dicts)(names=...)``).
+        mapper: dict -> model input dict, or None to skip a bad record.
+        total_batch_size: images per iteration over all ranks (divisible by the world size).
+        num_workers: data-loading processes per rank.
+        aspect_ratio_grouping: batch images with ``w > h`` apart from the others.
+        repeat_threshold: class-aware repeat-factor sampling threshold (V3Det baselines: 1e-3);
+            None samples every image once per epoch.
+        seed: stream and augmentation seed (default: one shared random seed for all ranks).
+    """
+    world = comm.get_world_size()
+    if total_batch_size <= 0 or total_batch_size % world:
+        raise ValueError(
+            f"dataloader.train.total_batch_size={total_batch_size} must be a positive multiple "
+            f"of the number of processes ({world})"
+        )
+    if not len(dataset):
+        raise ValueError("build_train_loader: the training dataset is empty")
+    repeat = None
+    if repeat_threshold:
+        repeat = repeat_factors_from_category_frequency(list(dataset), repeat_threshold)
+    seed = int(comm.shared_random_seed() if seed is None else seed)
+    sampler = ResumableTrainingSampler(len(dataset), shuffle, seed, repeat)
+    mapped = SeededMapDataset(_IndexedList(dataset), _IndexedMapper(mapper), seed)
+    logger.info(
+        f"Training loader: {len(dataset)} images, batch {total_batch_size // world} per rank "
+        f"x {world} ranks, {num_workers} workers"
+        + (f", repeat factors with threshold {repeat_threshold}" if repeat is not None else "")
+    )
+    return ResumableBatchLoader(
+        mapped, sampler, total_batch_size // world, aspect_ratio_grouping, num_workers
+    )
+
+
+def build_test_loader(dataset: Sequence[dict], mapper, num_workers: int = 0):
+    """detectron2's test loader (batch 1 per rank, every image once over all ranks)."""
+    return build_detection_test_loader(dataset, mapper=mapper, num_workers=num_workers)
+
+
+def category_tree_file(dataset_name: str) -> str:
+    """The category-tree json of a registered dataset (its ``category_tree_file`` metadata),
+    for configs: ``model.class_head.tree_file = L(category_tree_file)(dataset_name=...)``."""
+    if dataset_name not in DatasetCatalog.list():
+        raise DatasetNotFoundError(f"dataset {dataset_name!r} is not registered")
+    path = MetadataCatalog.get(dataset_name).get("category_tree_file")
+    if path is None:
+        raise ValueError(f"dataset {dataset_name!r} has no category tree (category_tree_file)")
+    return path

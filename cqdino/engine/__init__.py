@@ -1,0 +1,22 @@
+"""Training engine: the trainer (AMP, clipping, EMA, exact resume), atomic checkpoints, a
+CPU-capable multi-process launcher, evaluation with a progress bar, and the LR schedule.
+``projects/train_net.py`` puts them together."""
+
+from .checkpoint import AtomicCheckpointer, PeriodicCheckpointer, atomic_write
+from .evaluation import format_results, inference_on_dataset
+from .launch import launch
+from .schedule import step_schedule
+from .trainer import ModelEMA, Trainer, unwrap_model
+
+__all__ = [
+    "AtomicCheckpointer",
+    "PeriodicCheckpointer",
+    "atomic_write",
+    "format_results",
+    "inference_on_dataset",
+    "launch",
+    "step_schedule",
+    "ModelEMA",
+    "Trainer",
+    "unwrap_model",
+]

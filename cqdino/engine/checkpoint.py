@@ -1,0 +1,111 @@
+"""Checkpoints that are never half-written, and a periodic hook that saves every rank's state.
+
+``AtomicCheckpointer`` writes ``<name>.pth`` and ``last_checkpoint`` to a temporary file in the
+same folder, flushes it to disk and renames it into place, so a run killed at any moment leaves
+``last_checkpoint`` naming a complete file (at worst the previous one). Checkpoints load with
+``torch.load(weights_only=True)``; a foreign file that needs more (pickled objects) is loaded
+with ``weights_only=False`` after a warning.
+"""
+
+import glob
+import logging
+import os
+import pickle
+import tempfile
+from typing import Any, Callable
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import hooks
+from detectron2.utils import comm
+
+__all__ = ["AtomicCheckpointer", "PeriodicCheckpointer", "atomic_write"]
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """``write(f)`` into a temporary file next to ``path``, fsync, rename onto ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` with atomic writes of the checkpoint and ``last_checkpoint``."""
+
+    def __init__(self, model, save_dir: str = "", *, save_to_disk=None, **checkpointables):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        if self.save_to_disk and save_dir:
+            for stale in glob.glob(os.path.join(save_dir, ".*.tmp")):  # from a killed run
+                os.remove(stale)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        atomic_write(path, lambda f: f.write(last_filename_basename), mode="w")
+
+    def _load_file(self, filename: str):
+        if filename.endswith(".pkl"):
+            return super()._load_file(filename)
+        try:
+            return torch.load(filename, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            logger.warning(
+                f"{filename} holds objects other than tensors ({str(e).splitlines()[0]}); "
+                "loading it with weights_only=False. Only load checkpoints you trust."
+            )
+            return torch.load(filename, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, OSError) as e:
+            raise RuntimeError(f"cannot read checkpoint {filename}: {e}") from e
+
+
+class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
+    """detectron2's periodic checkpoint hook, registered on every rank: before a save it
+    gathers each rank's RNG and data-loader state (``trainer.rank_state()``) so the checkpoint
+    resumes every rank exactly; rank 0 writes the file and prunes old ones."""
+
+    def after_step(self):
+        it = self.trainer.iter
+        due = (it + 1) % self.period == 0 or (
+            self.max_iter is not None and it >= self.max_iter - 1
+        )
+        if due and hasattr(self.trainer, "rank_state"):
+            self.trainer._gathered_rank_states = comm.all_gather(self.trainer.rank_state())
+        try:
+            if comm.is_main_process():
+                self.step(it)
+        finally:
+            self.trainer.__dict__.pop("_gathered_rank_states", None)
+        if due:
+            comm.synchronize()  # no rank runs ahead while rank 0 writes
