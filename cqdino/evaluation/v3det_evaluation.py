@@ -472,19 +472,20 @@ class V3DetEvaluator(DatasetEvaluator):
             inv[c] = d
         return inv
 
-    def _dataset_ids(self, image_id, pred_classes: np.ndarray) -> np.ndarray:
-        """Dataset category ids of contiguous ``pred_classes``; out-of-range ids are an error
-        (never wrapped around as numpy negative indices)."""
+    def _dataset_ids(self, image_id, classes: np.ndarray, what: str = "detection") -> np.ndarray:
+        """Dataset category ids of contiguous ``classes`` (of one image); out-of-range ids are
+        an error (never wrapped around as numpy negative indices)."""
         C = len(self._to_dataset)
-        bad = (pred_classes < 0) | (pred_classes >= C)
+        bad = (classes < 0) | (classes >= C)
         if bad.any():
+            kind = "predicted class" if what == "detection" else "category"
             raise ValueError(
                 f"V3DetEvaluator({self._dataset_name!r}): image {image_id!r} has "
-                f"{int(bad.sum())} detection(s) with predicted class ids "
-                f"{np.unique(pred_classes[bad])[:10].tolist()} outside [0, {C}) "
+                f"{int(bad.sum())} {what}(s) with {kind} ids "
+                f"{np.unique(classes[bad])[:10].tolist()} outside [0, {C}) "
                 f"({C} categories in the metadata)"
             )
-        return self._to_dataset[pred_classes]
+        return self._to_dataset[classes]
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
@@ -598,9 +599,15 @@ class V3DetEvaluator(DatasetEvaluator):
             [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYWH_ABS) for _, a in rows],
             np.float64,
         ).reshape(-1, 4)
+        classes = np.asarray([a["category_id"] for _, a in rows], np.int64)
+        image_ids = [i for i, _ in rows]
+        bad = np.flatnonzero((classes < 0) | (classes >= len(self._to_dataset)))
+        if len(bad):  # raises, naming the first such image
+            first = image_ids[bad[0]]
+            self._dataset_ids(first, classes[np.asarray(image_ids) == first], "ground-truth box")
         return gt_arrays(
-            [i for i, _ in rows],
-            self._to_dataset[np.asarray([a["category_id"] for _, a in rows], np.int64)],
+            image_ids,
+            self._to_dataset[classes],
             boxes,
             iscrowd=[a.get("iscrowd", 0) for _, a in rows],
         )

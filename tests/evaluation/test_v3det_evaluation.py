@@ -361,3 +361,19 @@ def test_evaluator_on_unregistered_or_category_less_dataset_fails_at_constructio
     _register_tiny(name, with_metadata=False)
     with pytest.raises(ValueError, match=f"{name!r} has no thing_classes"):
         V3DetEvaluator(name, distributed=False)
+
+
+def test_ground_truth_class_ids_out_of_range_from_dicts_name_the_image():
+    name = "cqdino_test_tiny_bad_gt"
+    _register_tiny(name)
+    DatasetCatalog.remove(name)
+    anns = [{"bbox": [1.0, 1.0, 5.0, 5.0], "bbox_mode": 1, "category_id": c} for c in (0, -1)]
+    DatasetCatalog.register(
+        name, lambda: [{"image_id": 5, "height": 20, "width": 20, "annotations": anns}]
+    )
+    ev = V3DetEvaluator(name, tree=None, distributed=False)
+    ev.process([{"image_id": 5}], [{"instances": _instances([[1, 1, 5, 5]], [0.9], [0], 20, 20)}])
+    with pytest.raises(
+        ValueError, match=r"image 5 has 1 ground-truth box\(s\) with category ids \[-1\]"
+    ):
+        ev.evaluate()
