@@ -123,9 +123,11 @@ def test_repeat_factors_match_detectron2():
         ref = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, t)
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-6)
     # Hand case: 4 images; category 7 in 1 of 4 images -> f = 0.25, t = 1 -> r = 2.
-    hand = [{"annotations": [{"category_id": 7}, {"category_id": 1}]}] + [
-        {"annotations": [{"category_id": 1}]}
-    ] * 2 + [{"annotations": []}]
+    hand = (
+        [{"annotations": [{"category_id": 7}, {"category_id": 1}]}]
+        + [{"annotations": [{"category_id": 1}]}] * 2
+        + [{"annotations": []}]
+    )
     r1 = (1 / 0.75) ** 0.5  # category 1 is in 3 of 4 images
     np.testing.assert_allclose(
         repeat_factors_from_category_frequency(hand, 1.0).numpy(), [2.0, r1, r1, 1.0], rtol=1e-6
