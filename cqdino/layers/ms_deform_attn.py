@@ -17,9 +17,10 @@ Locations off the map sample zeros (bilinear, zero padding). A non-finite locati
 +-inf in either coordinate) is treated the same way: it contributes zero to the output and gets
 zero gradient, as in the original Deformable-DETR kernel (its bounds tests are false for NaN), so
 the output and gradients stay finite. The reference does the same (``grid_sample`` alone would
-return NaN). A diverging offset head is therefore not visible in this op's output;
-``check_finite=True`` raises on non-finite locations, and the training loop's non-finite-loss
-check still catches divergence once it reaches the losses.
+return NaN). A diverging offset head is therefore not visible in this op's output:
+``check_finite=True`` raises on non-finite locations, and :class:`MultiScaleDeformableAttention`
+turns non-finite *offsets* into a NaN output, so the loss and the training loop's non-finite
+checks (the matcher's, detectron2's on the summed losses) stop the step.
 """
 
 import math
@@ -209,8 +210,8 @@ class MultiScaleDeformableAttention(nn.Module):
         dropout: dropout on the output before the residual.
         batch_first: ``query``/``value`` are ``[B, N, C]`` when True, ``[N, B, C]`` otherwise.
         check_finite: raise when the sampling locations are non-finite (a diverging offset
-            head) instead of treating them as off the map; a host sync per call on CUDA.
-            Also settable later as the ``check_finite`` attribute.
+            head, or non-finite reference points) instead of treating them as off the map; a
+            host sync per call on CUDA. Also settable later as the ``check_finite`` attribute.
     """
 
     def __init__(
