@@ -1,4 +1,18 @@
-"""yacs configuration of cqdino (``cfg = get_cfg(); add_cqdino_config(cfg)``)."""
+"""yacs configuration of cqdino (``cfg = get_cfg(); add_cqdino_config(cfg)``).
+
+The yacs defaults here are the **COCO** recipe: ``MODEL.DINO.NUM_CLASSES = 80``, CQ-DINO with
+``RELATION = "self_attn"``, ``TOPK = 30`` and the BCE selection loss (buildable offline, no tree
+file). The LazyConfig CQ-DINO model config (``configs/common/models/cqdino_r50.py``) is the
+**V3Det** recipe instead: 13,204 categories, tree aggregation (needs the category tree),
+top-K 100, ASL selection loss. The two do not share defaults; set one from the other explicitly.
+For V3Det under yacs set ``NUM_CLASSES: 13204``, ``TOPK: 100``, ``RELATION: "tree"``,
+``SELECTION_LOSS: "asl"`` and ``TREE_FILE`` to ``cqdino.data.category_tree_file("v3det_train")``
+(the path the dataset registration holds, under ``$DETECTRON2_DATASETS/V3Det/``).
+
+Colour format: detectron2's ``INPUT.FORMAT`` ("BGR" by default) must match ``MODEL.PIXEL_MEAN``
+(detectron2's default mean is the BGR ImageNet mean); ``cqdino.data.DetrDatasetMapper`` is BGR by
+default as well.
+"""
 
 from detectron2.config import CfgNode as CN
 
@@ -11,9 +25,13 @@ def add_cqdino_config(cfg: CN) -> None:
     C3-C5 outputs, ImageNet pixel std. With pretrained weights set ``MODEL.RESNETS.NORM:
     FrozenBN`` and ``MODEL.BACKBONE.FREEZE_AT: 1``. Then set
     ``MODEL.META_ARCHITECTURE: "DINO"``.
+
+    Defaults are COCO (80 classes; CQ-DINO: self-attention, K = 30), unlike the V3Det LazyConfig
+    model configs (13,204 classes, tree); see the module docstring.
     """
     cfg.MODEL.DINO = CN()
     d = cfg.MODEL.DINO
+    # COCO (the LazyConfig CQ-DINO model config: V3Det, 13,204)
     d.NUM_CLASSES = 80
     d.IN_FEATURES = ["res3", "res4", "res5"]
     d.NUM_FEATURE_LEVELS = 4  # inputs + stride-2 extra levels of the neck
@@ -67,14 +85,18 @@ def _add_cqdino_category_config(cfg: CN) -> None:
     categories C is ``MODEL.DINO.NUM_CLASSES`` (one value for both heads); everything else of
     the detector is read from ``MODEL.DINO``. Defaults are the COCO recipe (C = 80), buildable
     offline; for V3Det set ``NUM_CLASSES: 13204``, ``TOPK: 100``, ``RELATION: "tree"``,
-    ``TREE_FILE: .../v3det_2023_v1_category_tree.json``, ``SELECTION_LOSS: "asl"``.
+    ``TREE_FILE`` = ``cqdino.data.category_tree_file("v3det_train")``
+    (``$DETECTRON2_DATASETS/V3Det/annotations/v3det_2023_v1_category_tree.json``),
+    ``SELECTION_LOSS: "asl"`` -- the LazyConfig model config's (V3Det) values.
     """
     cfg.MODEL.CQDINO = CN()
     c = cfg.MODEL.CQDINO
     c.TOPK = 30  # K selected categories per image (V3Det 100, COCO 30); min(K, C) is used
     # Category queries
     c.QUERY_DIM = 768
+    # COCO default; the LazyConfig model config uses "tree" (V3Det)
     c.RELATION = "self_attn"  # "tree" (V3Det, needs TREE_FILE) | "self_attn" (COCO) | "none"
+    # V3Det: the registered path, cqdino.data.category_tree_file("v3det_train")
     c.TREE_FILE = ""  # category tree json in the V3Det layout
     c.ANCESTOR_MASKING = True  # ignore unlabelled ancestors in the selection loss (needs tree)
     c.EMBEDDINGS_FILE = ""  # optional [C, d] .pth/.npy initialisation (random otherwise)

@@ -6,6 +6,7 @@ Importing this package registers ``v3det_{train,val}`` and ``synthetic_vocab_{tr
 
 from . import synthetic
 from .datasets import (
+    category_tree_file,
     image_counts_from_json,
     load_detection_json,
     read_category_names,
@@ -25,6 +26,7 @@ __all__ = [
     "DetrDatasetMapper",
     "RecordError",
     "build_repeat_factor_sampler",
+    "category_tree_file",
     "image_counts_from_json",
     "load_detection_json",
     "read_category_names",

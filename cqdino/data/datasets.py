@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -31,6 +31,7 @@ __all__ = [
     "image_counts_from_json",
     "register_v3det",
     "register_synthetic_vocab",
+    "category_tree_file",
     "V3DET_SPLITS",
 ]
 
@@ -266,28 +267,69 @@ def register_v3det(root: Optional[str] = None) -> None:
         _replace(name, load, **meta)
 
 
+def _synthetic_metadata(out: str, generate_kwargs: dict, on_import: bool = False) -> dict:
+    """Category metadata of the synthetic dataset in ``out``: read from the folder when it is
+    generated (the folder is the truth), else the vocabulary that loading will generate.
+    ``on_import``: a folder that cannot be read falls back to the latter (registration runs on
+    import; loading reports the problem)."""
+    names = None
+    if os.path.exists(os.path.join(out, "meta.json")):
+        try:
+            synthetic.read_meta(out)  # a readable generated folder of this format
+            names = read_category_names(os.path.join(out, "category_names.txt"))
+        except (OSError, ValueError):
+            if not on_import:
+                raise
+    if names is None:
+        cfg = {**synthetic.DEMO_CONFIG, **generate_kwargs}
+        names = [c["name"] for c in synthetic.vocabulary(cfg["num_categories"], cfg["seed"])]
+    return dict(
+        thing_classes=names,
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(names))},
+    )
+
+
+def _update_metadata(name: str, **metadata) -> None:
+    """Set ``metadata`` of ``name``, replacing stale values (detectron2's ``Metadata.set``
+    refuses to change a value); ``image_count`` is dropped with them (it is recounted)."""
+    meta = MetadataCatalog.get(name)
+    if all(getattr(meta, k, None) == v for k, v in metadata.items()):
+        return
+    keep = {k: v for k, v in meta.as_dict().items() if k not in ("name", "image_count")}
+    keep.update(metadata)
+    MetadataCatalog.remove(name)
+    MetadataCatalog.get(name).set(**keep)
+
+
 def register_synthetic_vocab(root: Optional[str] = None, **generate_kwargs) -> None:
     """Register ``synthetic_vocab_{train,val}`` at ``<root>/synthetic_vocab``.
 
-    Loading either split generates the dataset first when the folder is absent (the demo size
-    :data:`cqdino.data.synthetic.DEMO_CONFIG`, overridable by ``generate_kwargs``).
+    A generated folder is used as it is: its categories (``category_names.txt``) and sizes
+    (``meta.json``) are whatever ``python -m cqdino.data.synthetic`` was run with. Loading
+    either split generates the dataset first when the folder is absent (the demo size
+    :data:`cqdino.data.synthetic.DEMO_CONFIG`, overridable by ``generate_kwargs``; explicit
+    ``generate_kwargs`` that differ from an existing folder are an error).
     """
     root = _datasets_root(root)
     out = os.path.join(root, "synthetic_vocab")
-    cfg = {**synthetic.DEMO_CONFIG, **generate_kwargs}
-    cats = synthetic.vocabulary(cfg["num_categories"], cfg["seed"])
-    names = [c["name"] for c in cats]
+
+    def prepare():
+        synthetic.ensure_generated(out, **generate_kwargs)
+
     for split in ("train", "val"):
         name = f"synthetic_vocab_{split}"
         json_file = os.path.join(out, "annotations", f"synthetic_vocab_{split}.json")
 
         def load(json_file=json_file, name=name):
-            synthetic.ensure_generated(out, **generate_kwargs)
+            prepare()
+            # The folder may have been (re)generated since registration: its categories win.
+            categories = _synthetic_metadata(out, generate_kwargs)
+            _update_metadata(name, **categories)
             return load_detection_json(
                 json_file,
                 os.path.join(out, "images"),
                 name,
-                names,
+                categories["thing_classes"],
                 record_image_count=name.endswith("_train"),
             )
 
@@ -299,6 +341,46 @@ def register_synthetic_vocab(root: Optional[str] = None, **generate_kwargs) -> N
             evaluator_type="v3det",
             category_tree_file=os.path.join(out, "category_tree.json"),
             train_json_file=os.path.join(out, "annotations", "synthetic_vocab_train.json"),
-            thing_classes=names,
-            thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(cats)},
+            **_synthetic_metadata(out, generate_kwargs, on_import=True),
         )
+        _PREPARE[name] = prepare
+
+
+# Dataset name -> callable that creates the dataset's files on demand (synthetic_vocab).
+_PREPARE: Dict[str, Callable[[], None]] = {}
+
+
+def category_tree_file(dataset_name: str, must_exist: bool = True) -> str:
+    """The category-tree json of a registered dataset (``metadata.category_tree_file``).
+
+    The dataset registration is the one source of truth for the path (V3Det:
+    ``$DETECTRON2_DATASETS/V3Det/annotations/v3det_2023_v1_category_tree.json``). For use in
+    LazyConfig: ``tree_file=L(category_tree_file)(dataset_name="v3det_train")``. A synthetic
+    dataset is generated first if its folder is absent.
+
+    Args:
+        dataset_name: a registered dataset.
+        must_exist: also require the file to exist.
+    Raises:
+        KeyError if the dataset is not registered; ValueError if its metadata has no
+        ``category_tree_file``; FileNotFoundError (with ``must_exist``) if the file is missing.
+    """
+    if dataset_name not in DatasetCatalog.list():
+        raise KeyError(
+            f"dataset {dataset_name!r} is not registered (import cqdino.data for v3det_* and "
+            "synthetic_vocab_*)"
+        )
+    path = MetadataCatalog.get(dataset_name).get("category_tree_file", None)
+    if not path:
+        raise ValueError(
+            f"dataset {dataset_name!r} has no category tree (no category_tree_file in its "
+            "metadata); use a relation that needs no tree, or give the tree file explicitly"
+        )
+    if must_exist and not os.path.exists(path) and dataset_name in _PREPARE:
+        _PREPARE[dataset_name]()
+    if must_exist and not os.path.exists(path):
+        raise FileNotFoundError(
+            f"category tree of dataset {dataset_name!r} not found: {path} does not exist "
+            "(see docs/data_and_evaluation.md for where the dataset files go)"
+        )
+    return path

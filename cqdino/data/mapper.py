@@ -10,6 +10,9 @@ raises :class:`RecordError` naming the image id and file, or, with ``skip_bad_re
 skipped (the mapper returns None, so detectron2's ``MapDataset`` draws another image) and
 counted in :attr:`DetrDatasetMapper.num_skipped`. Boxes that become degenerate through
 augmentation (cropped away) are dropped.
+
+The output image is BGR by default (detectron2's convention: its ``pixel_mean`` defaults are the
+BGR ImageNet mean); ``num_classes`` is required, so category ids are always checked.
 """
 
 import copy
@@ -23,9 +26,12 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-__all__ = ["DetrDatasetMapper", "RecordError", "build_detr_augmentation"]
+__all__ = ["DetrDatasetMapper", "RecordError", "build_detr_augmentation", "IMAGE_FORMATS"]
 
 logger = logging.getLogger(__name__)
+
+# Channel orders the mapper can produce (3-channel; detectron2's default is "BGR").
+IMAGE_FORMATS = ("BGR", "RGB")
 
 
 class RecordError(ValueError):
@@ -56,7 +62,7 @@ class DetrDatasetMapper:
         self,
         is_train: bool = True,
         *,
-        num_classes: Optional[int] = None,
+        num_classes: int,
         min_sizes: Sequence[int] = tuple(range(480, 801, 32)),
         max_size: int = 1333,
         test_size: int = 800,
@@ -64,24 +70,32 @@ class DetrDatasetMapper:
         crop: bool = False,
         crop_resize: Sequence[int] = (400, 500, 600),
         crop_size: Sequence[int] = (384, 600),
-        image_format: str = "RGB",
+        image_format: str = "BGR",
         skip_bad_records: bool = False,
         box_tolerance: float = 1.0,
     ):
         """
         Args:
             is_train: training (augment, keep annotations) or inference.
-            num_classes: category ids must lie in ``[0, num_classes)``; None: not checked.
+            num_classes: number of categories C; record category ids must lie in ``[0, C)``
+                (required, so an unknown category can never reach the model).
             min_sizes, max_size: training multi-scale resize; test_size: test shortest side.
             flip_prob: horizontal flip probability.
             crop: use DETR's random-crop branch (with probability 0.5).
             crop_resize, crop_size: that branch's shortest sides and absolute crop size range.
-            image_format: detectron2 image format ("RGB", "BGR").
+            image_format: channel order of the output image, "BGR" (detectron2's convention,
+                matching its BGR ``pixel_mean``) or "RGB"; the model must be told the same.
             skip_bad_records: skip and count bad records instead of raising.
             box_tolerance: pixels a box may extend outside the image (rounding in annotations).
         """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
         self.is_train = is_train
-        self.num_classes = num_classes
+        self.num_classes = int(num_classes)
         self.image_format = image_format
         self.skip_bad_records = skip_bad_records
         self.box_tolerance = float(box_tolerance)
@@ -122,12 +136,11 @@ class DetrDatasetMapper:
             if x0 < -tol or y0 < -tol or x1 > width + tol or y1 > height + tol:
                 return f"annotation {i}: bbox {ann['bbox']} lies outside the {width}x{height} image"
             c = ann.get("category_id")
-            if (
-                not isinstance(c, (int, np.integer))
-                or c < 0
-                or (self.num_classes is not None and c >= self.num_classes)
-            ):
-                return f"annotation {i}: unknown category id {c!r}"
+            if not isinstance(c, (int, np.integer)) or not 0 <= c < self.num_classes:
+                return (
+                    f"annotation {i}: unknown category id {c!r} "
+                    f"(num_classes={self.num_classes}: ids are 0..{self.num_classes - 1})"
+                )
         return None
 
     def __call__(self, dataset_dict: dict) -> Optional[dict]:

@@ -388,6 +388,35 @@ def _load_gt_json(json_file: str, image_ids: Optional[set]) -> BoxArrays:
     )
 
 
+def _checked_metadata(dataset_name: str):
+    """The metadata of a registered dataset with its categories (``thing_classes`` or
+    ``thing_dataset_id_to_contiguous_id``). Datasets whose loader fills them (V3Det without the
+    names txt) are loaded once; an unregistered or category-less dataset is an error."""
+    if dataset_name not in DatasetCatalog.list():
+        raise ValueError(
+            f"V3DetEvaluator: dataset {dataset_name!r} is not registered in DatasetCatalog "
+            "(import cqdino.data for v3det_* / synthetic_vocab_*, or register it first)"
+        )
+    meta = MetadataCatalog.get(dataset_name)
+
+    def has_categories():
+        return any(
+            getattr(meta, k, None) is not None
+            for k in ("thing_classes", "thing_dataset_id_to_contiguous_id")
+        )
+
+    if not has_categories():
+        logger.info(f"{dataset_name}: no categories in the metadata yet; loading the dataset")
+        DatasetCatalog.get(dataset_name)
+    if not has_categories():
+        raise ValueError(
+            f"V3DetEvaluator: dataset {dataset_name!r} has no thing_classes or "
+            "thing_dataset_id_to_contiguous_id in its metadata (MetadataCatalog); set them when "
+            "registering it"
+        )
+    return meta
+
+
 class V3DetEvaluator(DatasetEvaluator):
     """V3Det-style box AP (see module doc). Works for any registered detection dataset.
 
@@ -420,7 +449,7 @@ class V3DetEvaluator(DatasetEvaluator):
                 :func:`load_image_count_file`), else counted from ``metadata.train_json_file``.
         """
         self._dataset_name = dataset_name
-        self._metadata = MetadataCatalog.get(dataset_name)
+        self._metadata = _checked_metadata(dataset_name)
         self._tree_arg = tree
         self._max_dets = int(max_dets_per_image)
         self._num_workers = num_workers
@@ -428,6 +457,7 @@ class V3DetEvaluator(DatasetEvaluator):
         self._distributed = distributed
         self._image_count = image_count
         self._cpu = torch.device("cpu")
+        self._to_dataset = self._contiguous_to_dataset()  # contiguous id -> dataset id
         self.reset()
 
     def reset(self):
@@ -442,9 +472,22 @@ class V3DetEvaluator(DatasetEvaluator):
             inv[c] = d
         return inv
 
+    def _dataset_ids(self, image_id, classes: np.ndarray, what: str = "detection") -> np.ndarray:
+        """Dataset category ids of contiguous ``classes`` (of one image); out-of-range ids are
+        an error (never wrapped around as numpy negative indices)."""
+        C = len(self._to_dataset)
+        bad = (classes < 0) | (classes >= C)
+        if bad.any():
+            kind = "predicted class" if what == "detection" else "category"
+            raise ValueError(
+                f"V3DetEvaluator({self._dataset_name!r}): image {image_id!r} has "
+                f"{int(bad.sum())} {what}(s) with {kind} ids "
+                f"{np.unique(classes[bad])[:10].tolist()} outside [0, {C}) "
+                f"({C} categories in the metadata)"
+            )
+        return self._to_dataset[classes]
+
     def process(self, inputs, outputs):
-        if not hasattr(self, "_to_dataset"):
-            self._to_dataset = self._contiguous_to_dataset()
         for inp, out in zip(inputs, outputs):
             if "instances" not in out:
                 continue
@@ -456,7 +499,7 @@ class V3DetEvaluator(DatasetEvaluator):
                 scores = inst.scores
             boxes = inst.pred_boxes.tensor.numpy().astype(np.float64)
             boxes = BoxMode.convert(boxes, BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
-            classes = self._to_dataset[inst.pred_classes.numpy()]
+            classes = self._dataset_ids(inp["image_id"], inst.pred_classes.numpy())
             self._predictions.append(
                 (
                     inp["image_id"],
@@ -509,8 +552,6 @@ class V3DetEvaluator(DatasetEvaluator):
         if not preds:
             logger.warning("[V3DetEvaluator] Did not receive valid predictions.")
             return {}
-        if not hasattr(self, "_to_dataset"):
-            self._to_dataset = self._contiguous_to_dataset()
         n = [len(p[1]) for p in preds]
         dt = dt_arrays(
             np.repeat([p[0] for p in preds], n),
@@ -558,9 +599,15 @@ class V3DetEvaluator(DatasetEvaluator):
             [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYWH_ABS) for _, a in rows],
             np.float64,
         ).reshape(-1, 4)
+        classes = np.asarray([a["category_id"] for _, a in rows], np.int64)
+        image_ids = [i for i, _ in rows]
+        bad = np.flatnonzero((classes < 0) | (classes >= len(self._to_dataset)))
+        if len(bad):  # raises, naming the first such image
+            first = image_ids[bad[0]]
+            self._dataset_ids(first, classes[np.asarray(image_ids) == first], "ground-truth box")
         return gt_arrays(
-            [i for i, _ in rows],
-            self._to_dataset[np.asarray([a["category_id"] for _, a in rows], np.int64)],
+            image_ids,
+            self._to_dataset[classes],
             boxes,
             iscrowd=[a.get("iscrowd", 0) for _, a in rows],
         )

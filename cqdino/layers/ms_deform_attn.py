@@ -12,6 +12,15 @@ L levels, P points per level)::
     sampling_locations  [B, Q, H, L, P, 2]   (x, y) in [0, 1]
     attention_weights   [B, Q, H, L, P]
     output              [B, Q, H * Dh]
+
+Locations off the map sample zeros (bilinear, zero padding). A non-finite location (NaN or
++-inf in either coordinate) is treated the same way: it contributes zero to the output and gets
+zero gradient, as in the original Deformable-DETR kernel (its bounds tests are false for NaN), so
+the output and gradients stay finite. The reference does the same (``grid_sample`` alone would
+return NaN). A diverging offset head is therefore not visible in this op's output:
+``check_finite=True`` raises on non-finite locations, and :class:`MultiScaleDeformableAttention`
+turns non-finite *offsets* into a NaN output, so the loss and the training loop's non-finite
+checks (the matcher's, detectron2's on the summed losses) stop the step.
 """
 
 import math
@@ -23,7 +32,25 @@ from torch import Tensor, nn
 
 from cqdino import _ext
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MultiScaleDeformableAttention"]
+__all__ = [
+    "ms_deform_attn",
+    "ms_deform_attn_reference",
+    "check_finite_locations",
+    "MultiScaleDeformableAttention",
+]
+
+
+def check_finite_locations(sampling_locations: Tensor) -> None:
+    """Raise ``ValueError`` if ``sampling_locations`` hold NaN or inf (host sync on CUDA)."""
+    bad = ~torch.isfinite(sampling_locations.detach())
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations hold {int(bad.sum())} non-finite values "
+            f"(NaN/inf), the first at index {first} of shape {tuple(sampling_locations.shape)} "
+            "(B, Q, H, L, P, 2); without check_finite they are treated as off the map "
+            "(a diverging sampling-offset head?)"
+        )
 
 
 def ms_deform_attn_reference(
@@ -32,17 +59,27 @@ def ms_deform_attn_reference(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    check_finite: bool = False,
 ) -> Tensor:
     """Pure-PyTorch multi-scale deformable attention (per-level ``grid_sample``).
 
     Computes in the value's dtype (locations and weights are cast to it). Materialises a
-    ``[B*H, Dh, Q, L*P]`` tensor, so it is memory-hungry at encoder sizes.
+    ``[B*H, Dh, Q, L*P]`` tensor, so it is memory-hungry at encoder sizes. Non-finite locations
+    contribute zero, like the compiled op's (see the module doc); ``check_finite`` as in
+    :func:`ms_deform_attn`.
     """
+    if check_finite:
+        check_finite_locations(sampling_locations)
     B, S, H, Dh = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     levels = value.split([h * w for h, w in shapes], dim=1)
     grids = (2 * sampling_locations - 1).to(value.dtype)
+    # Off-map and non-finite locations sample zeros, as in the kernel: grid coordinates beyond
+    # +-3 are more than a pixel outside any map (clamping also keeps grid_sample's own
+    # arithmetic from overflowing), and NaN/inf points go to -3. Zero gradient for both.
+    finite = torch.isfinite(grids).all(-1, keepdim=True)
+    grids = torch.where(finite, grids.clamp(-3.0, 3.0), torch.full_like(grids, -3.0))
     samples = []
     for lvl, (h, w) in enumerate(shapes):
         # (B, h*w, H, Dh) -> (B*H, Dh, h, w)
@@ -63,6 +100,7 @@ def ms_deform_attn(
     sampling_locations: Tensor,
     attention_weights: Tensor,
     deterministic: bool = False,
+    check_finite: bool = False,
 ) -> Tensor:
     """Multi-scale deformable attention through ``torch.ops.cqdino.ms_deform_attn_forward``.
 
@@ -77,9 +115,15 @@ def ms_deform_attn(
     deterministic (value gradients accumulated in 64-bit fixed point) when ``deterministic``
     is True or ``torch.use_deterministic_algorithms(True)`` is in effect at backward time.
 
+    Non-finite (NaN/inf) sampling locations are treated as off the map: zero contribution and
+    zero gradient (see the module doc). ``check_finite=True`` raises a ``ValueError`` instead;
+    it costs one reduction over the locations and, on CUDA, a host sync.
+
     Falls back to :func:`ms_deform_attn_reference`, with a one-time warning, when the compiled
     extension is unavailable.
     """
+    if check_finite:
+        check_finite_locations(sampling_locations)
     if not _ext.use_ext("ms_deform_attn", value.device.type):
         return ms_deform_attn_reference(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
@@ -153,6 +197,8 @@ class MultiScaleDeformableAttention(nn.Module):
 
     Each query predicts ``num_points`` sampling offsets per head and level around its reference
     point, and softmax-normalised weights over the ``num_levels * num_points`` samples.
+    A query whose predicted offsets are non-finite (a diverging offset head) gets a NaN output,
+    so that a non-finite loss reports it (the op alone would treat the points as off the map).
     Offsets, locations and the softmax are computed in fp32, also under autocast; only the
     value projection may run in half precision.
 
@@ -163,6 +209,9 @@ class MultiScaleDeformableAttention(nn.Module):
         num_points: sampling points per head and level.
         dropout: dropout on the output before the residual.
         batch_first: ``query``/``value`` are ``[B, N, C]`` when True, ``[N, B, C]`` otherwise.
+        check_finite: raise when the sampling locations are non-finite (a diverging offset
+            head, or non-finite reference points) instead of treating them as off the map; a
+            host sync per call on CUDA. Also settable later as the ``check_finite`` attribute.
     """
 
     def __init__(
@@ -173,6 +222,7 @@ class MultiScaleDeformableAttention(nn.Module):
         num_points: int = 4,
         dropout: float = 0.0,
         batch_first: bool = True,
+        check_finite: bool = False,
     ):
         super().__init__()
         if embed_dim % num_heads != 0:
@@ -184,6 +234,7 @@ class MultiScaleDeformableAttention(nn.Module):
         self.num_levels = num_levels
         self.num_points = num_points
         self.batch_first = batch_first
+        self.check_finite = check_finite
         self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
@@ -276,6 +327,11 @@ class MultiScaleDeformableAttention(nn.Module):
                 q32, self.attention_weights.weight.float(), self.attention_weights.bias.float()
             )
             weights = weights.view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
+            # The op treats non-finite locations as off the map, which would hide a diverging
+            # offset head; such queries get a NaN output instead, so the loss (and the training
+            # loop's non-finite-loss check) sees it. Non-finite reference points (a level that
+            # is all padding for an image) keep the op's off-map rule.
+            diverged = ~torch.isfinite(offsets).flatten(2).all(-1)  # (B, Q)
             ref = reference_points.float()
             if ref.shape[-1] == 2:
                 normalizer = spatial_shapes.to(device=ref.device, dtype=torch.float32).flip(-1)
@@ -293,7 +349,15 @@ class MultiScaleDeformableAttention(nn.Module):
                 )
         if value.dtype not in (torch.float16, torch.bfloat16):
             locations, weights = locations.to(value.dtype), weights.to(value.dtype)
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        out = ms_deform_attn(
+            value,
+            spatial_shapes,
+            level_start_index,
+            locations,
+            weights,
+            check_finite=self.check_finite,
+        )
+        out = out.masked_fill(diverged[..., None], float("nan"))
         out = self.output_proj(out)
         out = identity + self.dropout(out)
         return out if self.batch_first else out.transpose(0, 1)

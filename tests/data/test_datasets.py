@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from detectron2.structures import BoxMode
 
 from cqdino.data import (
     CategoryTree,
+    category_tree_file,
     image_counts_from_json,
     load_detection_json,
     read_category_names,
@@ -120,9 +123,11 @@ def test_repeat_factors_match_detectron2():
         ref = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, t)
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-6)
     # Hand case: 4 images; category 7 in 1 of 4 images -> f = 0.25, t = 1 -> r = 2.
-    hand = [{"annotations": [{"category_id": 7}, {"category_id": 1}]}] + [
-        {"annotations": [{"category_id": 1}]}
-    ] * 2 + [{"annotations": []}]
+    hand = (
+        [{"annotations": [{"category_id": 7}, {"category_id": 1}]}]
+        + [{"annotations": [{"category_id": 1}]}] * 2
+        + [{"annotations": []}]
+    )
     r1 = (1 / 0.75) ** 0.5  # category 1 is in 3 of 4 images
     np.testing.assert_allclose(
         repeat_factors_from_category_frequency(hand, 1.0).numpy(), [2.0, r1, r1, 1.0], rtol=1e-6
@@ -192,5 +197,102 @@ def test_synthetic_registration_generates_on_first_use(tmp_path):
         assert len(DatasetCatalog.get("synthetic_vocab_train")) == 24
         with pytest.raises(ValueError, match="other parameters"):
             synthetic.ensure_generated(str(tmp_path / "synthetic_vocab"), **{**SMALL, "seed": 9})
+    finally:
+        register_synthetic_vocab()
+
+
+def test_synthetic_cli_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        synthetic.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1000)" in text and "--image-size MIN MAX" in text
+    assert "(default: [256, 320])" in text
+
+
+def test_synthetic_cli_non_default_sizes_load_through_the_catalog(tmp_path):
+    out = tmp_path / "synthetic_vocab"
+    args = ["--out", str(out), "--num-categories", "70", "--num-train-images", "5"]
+    args += ["--num-val-images", "3", "--image-size", "40", "56", "--seed", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # -W error: runpy's "found in sys.modules" RuntimeWarning would fail the run
+    cmd = [sys.executable, "-W", "error::RuntimeWarning", "-m", "cqdino.data.synthetic", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeWarning" not in proc.stderr
+    register_synthetic_vocab(str(tmp_path))  # no generation arguments: the folder is the truth
+    try:
+        meta = MetadataCatalog.get("synthetic_vocab_train")
+        assert len(meta.thing_classes) == 70
+        dicts = DatasetCatalog.get("synthetic_vocab_train")
+        assert len(dicts) == 5 and len(DatasetCatalog.get("synthetic_vocab_val")) == 3
+        assert all(40 <= d["width"] <= 56 and 40 <= d["height"] <= 56 for d in dicts)
+        names = [c["name"] for c in synthetic.vocabulary(70, 2)]
+        assert meta.thing_classes == names and len(meta.image_count) == 70
+        assert {a["category_id"] for d in dicts for a in d["annotations"]} <= set(range(70))
+    finally:
+        register_synthetic_vocab()
+
+
+def test_synthetic_folder_generated_after_registration_wins(tmp_path):
+    register_synthetic_vocab(str(tmp_path))  # folder absent: metadata of the 1,000-class demo
+    try:
+        assert len(MetadataCatalog.get("synthetic_vocab_val").thing_classes) == 1000
+        synthetic.generate(tmp_path / "synthetic_vocab", **SMALL)  # 60 classes
+        dicts = DatasetCatalog.get("synthetic_vocab_val")
+        assert len(dicts) == 8
+        meta = MetadataCatalog.get("synthetic_vocab_val")
+        assert meta.thing_classes == [c["name"] for c in synthetic.vocabulary(60, 3)]
+        assert meta.thing_dataset_id_to_contiguous_id == {i + 1: i for i in range(60)}
+        assert meta.evaluator_type == "v3det"  # the other metadata survives the refresh
+    finally:
+        register_synthetic_vocab()
+
+
+def test_synthetic_meta_json_of_another_format_is_a_clear_error(tmp_path):
+    out = tmp_path / "synthetic_vocab"
+    synthetic.generate(out, **{**SMALL, "num_train_images": 1, "num_val_images": 1})
+    (out / "meta.json").write_text(json.dumps({"format_version": 0}))
+    register_synthetic_vocab(str(tmp_path))  # registration (on import) does not raise
+    try:
+        with pytest.raises(ValueError, match=r"meta.json: format version 0.*--overwrite"):
+            DatasetCatalog.get("synthetic_vocab_train")
+    finally:
+        register_synthetic_vocab()
+
+
+def test_category_tree_file_from_v3det_registration(tmp_path, monkeypatch):
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    register_v3det()
+    try:
+        want = str(tmp_path / "V3Det" / "annotations" / "v3det_2023_v1_category_tree.json")
+        with pytest.raises(FileNotFoundError, match=f"'v3det_train' not found: {want}"):
+            category_tree_file("v3det_train")
+        assert category_tree_file("v3det_train", must_exist=False) == want
+        os.makedirs(os.path.dirname(want))
+        with open(want, "w") as f:
+            f.write("{}")
+        assert instantiate(L(category_tree_file)(dataset_name="v3det_train")) == want
+        assert category_tree_file("v3det_val") == want
+    finally:
+        monkeypatch.undo()
+        register_v3det()
+
+
+def test_category_tree_file_errors_and_synthetic(tmp_path):
+    with pytest.raises(KeyError, match="'cqdino_test_unregistered' is not registered"):
+        category_tree_file("cqdino_test_unregistered")
+    name = "cqdino_test_no_tree"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [])
+    with pytest.raises(ValueError, match=f"{name!r} has no category tree"):
+        category_tree_file(name)
+    register_synthetic_vocab(str(tmp_path), **SMALL)
+    try:  # the synthetic folder is generated on demand, its tree read back
+        path = category_tree_file("synthetic_vocab_train")
+        assert path == str(tmp_path / "synthetic_vocab" / "category_tree.json")
+        assert CategoryTree.from_v3det_json(path).num_categories == 60
     finally:
         register_synthetic_vocab()

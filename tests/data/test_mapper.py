@@ -40,20 +40,24 @@ def test_train_resize_and_boxes(coco8):
 
 def test_flip_mirrors_boxes(coco8):
     rec = coco8[0]
-    out = DetrDatasetMapper(True, flip_prob=1.0, min_sizes=(rec["height"],), max_size=10000)(rec)
+    size = dict(min_sizes=(rec["height"],), max_size=10000, num_classes=80)
+    out = DetrDatasetMapper(True, flip_prob=1.0, **size)(rec)
     W = rec["width"]
     b = _xyxy(rec["annotations"])
     expect = np.stack([W - b[:, 2], b[:, 1], W - b[:, 0], b[:, 3]], 1)
     np.testing.assert_allclose(out["instances"].gt_boxes.tensor.numpy(), expect, atol=1e-3)
-    img = np.asarray(Image.open(rec["file_name"]).convert("RGB"))
-    np.testing.assert_array_equal(out["image"].numpy().transpose(1, 2, 0), img[:, ::-1])
+    img = np.asarray(Image.open(rec["file_name"]).convert("RGB"))  # (H, W, 3) RGB
+    # BGR by default (detectron2's convention): channels reversed
+    np.testing.assert_array_equal(out["image"].numpy().transpose(1, 2, 0), img[:, ::-1, ::-1])
+    rgb = DetrDatasetMapper(True, flip_prob=1.0, image_format="RGB", **size)(rec)
+    np.testing.assert_array_equal(rgb["image"].numpy().transpose(1, 2, 0), img[:, ::-1])
 
 
 def test_test_mode_and_crop_branch(coco8):
-    out = DetrDatasetMapper(False)(coco8[0])
+    out = DetrDatasetMapper(False, num_classes=80)(coco8[0])
     assert min(out["image"].shape[1:]) == 800 or max(out["image"].shape[1:]) == 1333
     assert "instances" not in out and "annotations" not in out
-    mapper = DetrDatasetMapper(True, crop=True)
+    mapper = DetrDatasetMapper(True, crop=True, num_classes=80)
     np.random.seed(1)
     cropped_any = False
     # Small boxes all over the image, so that random crops cut some of them away.
@@ -88,6 +92,7 @@ def test_test_mode_and_crop_branch(coco8):
         (lambda r, p: r["annotations"][0].update(bbox=[10, 10, 0, 5]), "width or height <= 0"),
         (lambda r, p: r["annotations"][0].update(bbox=[600, 10, 100, 5]), "outside"),
         (lambda r, p: r["annotations"][0].update(category_id=80), "unknown category id 80"),
+        (lambda r, p: r["annotations"][0].update(category_id=-1), "unknown category id -1"),
         (lambda r, p: r.update(height=r["height"] + 7), "record says"),
     ],
 )
@@ -107,3 +112,22 @@ def _garbage(path):
     f = path / "broken.jpg"
     f.write_bytes(b"\xff\xd8 not really a jpeg")
     return str(f)
+
+
+def test_num_classes_is_required_and_checked(coco8):
+    with pytest.raises(TypeError, match="num_classes"):
+        DetrDatasetMapper(True)
+    for bad in (None, 0, "80", True, 2.0):
+        with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+            DetrDatasetMapper(True, num_classes=bad)
+    rec = copy.deepcopy(coco8[0])
+    rec["annotations"][0]["category_id"] = 5  # valid for 80 classes, unknown for 5
+    DetrDatasetMapper(True, num_classes=80)(copy.deepcopy(rec))
+    with pytest.raises(RecordError, match=r"annotation 0: unknown category id 5 \(num_classes=5"):
+        DetrDatasetMapper(False, num_classes=5)(rec)
+
+
+@pytest.mark.parametrize("fmt", ["rgb", "L", "YUV-BT.601", None])
+def test_image_format_is_validated(fmt):
+    with pytest.raises(ValueError, match=r"image_format must be one of \('BGR', 'RGB'\)"):
+        DetrDatasetMapper(True, num_classes=80, image_format=fmt)

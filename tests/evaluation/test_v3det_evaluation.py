@@ -319,3 +319,61 @@ def test_hierarchy_copies_match_a_plain_loop():
                 if gt["image_id"][j] == img and gt["category_id"][j] == a:
                     expect.append((img, d, tuple(gt["bbox"][j].tolist())))
     assert len(expect) > 20 and got == sorted(expect)
+
+
+def _register_tiny(name, num_classes=3, with_metadata=True):
+    """A registered dataset of one 20x20 image with one box per class (dataset ids 10, 20, ..)."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    anns = [
+        {"bbox": [1.0 + c, 1.0, 5.0, 5.0], "bbox_mode": 1, "category_id": c}
+        for c in range(num_classes)
+    ]
+    DatasetCatalog.register(
+        name, lambda: [{"image_id": 7, "height": 20, "width": 20, "annotations": anns}]
+    )
+    if with_metadata:
+        MetadataCatalog.get(name).set(
+            thing_classes=[f"c{c}" for c in range(num_classes)],
+            thing_dataset_id_to_contiguous_id={10 * (c + 1): c for c in range(num_classes)},
+        )
+
+
+@pytest.mark.parametrize("bad_id", [-1, 3, 100])
+def test_predicted_class_ids_out_of_range_name_image_and_id(bad_id):
+    name = "cqdino_test_tiny_classes"
+    _register_tiny(name)
+    ev = V3DetEvaluator(name, tree=None, distributed=False)
+    good = _instances([[1, 1, 5, 5]], [0.9], [2], 20, 20)
+    ev.process([{"image_id": 7}], [{"instances": good}])
+    bad = _instances([[1, 1, 5, 5], [2, 2, 5, 5]], [0.9, 0.8], [0, bad_id], 20, 20)
+    with pytest.raises(ValueError, match=rf"image 8 .*class ids \[{bad_id}\] outside \[0, 3\)"):
+        ev.process([{"image_id": 8}], [{"instances": bad}])
+    # id 2 (the last category, where -1 used to wrap to) maps to dataset id 30
+    assert ev._predictions[0][3].tolist() == [30] and len(ev._predictions) == 1
+
+
+def test_evaluator_on_unregistered_or_category_less_dataset_fails_at_construction():
+    with pytest.raises(ValueError, match="'cqdino_test_not_registered' is not registered"):
+        V3DetEvaluator("cqdino_test_not_registered", distributed=False)
+    name = "cqdino_test_no_metadata"
+    _register_tiny(name, with_metadata=False)
+    with pytest.raises(ValueError, match=f"{name!r} has no thing_classes"):
+        V3DetEvaluator(name, distributed=False)
+
+
+def test_ground_truth_class_ids_out_of_range_from_dicts_name_the_image():
+    name = "cqdino_test_tiny_bad_gt"
+    _register_tiny(name)
+    DatasetCatalog.remove(name)
+    anns = [{"bbox": [1.0, 1.0, 5.0, 5.0], "bbox_mode": 1, "category_id": c} for c in (0, -1)]
+    DatasetCatalog.register(
+        name, lambda: [{"image_id": 5, "height": 20, "width": 20, "annotations": anns}]
+    )
+    ev = V3DetEvaluator(name, tree=None, distributed=False)
+    ev.process([{"image_id": 5}], [{"instances": _instances([[1, 1, 5, 5]], [0.9], [0], 20, 20)}])
+    with pytest.raises(
+        ValueError, match=r"image 5 has 1 ground-truth box\(s\) with category ids \[-1\]"
+    ):
+        ev.evaluate()

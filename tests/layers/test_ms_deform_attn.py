@@ -293,9 +293,9 @@ def test_module_locations_stay_fp32_under_autocast(monkeypatch):
     seen = {}
     real = msda_module.ms_deform_attn
 
-    def spy(v, s, st, loc, w):
+    def spy(v, s, st, loc, w, **kwargs):
         seen.update(value=v.dtype, loc=loc.dtype, w=w.dtype)
-        return real(v, s, st, loc, w)
+        return real(v, s, st, loc, w, **kwargs)
 
     monkeypatch.setattr(msda_module, "ms_deform_attn", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -354,3 +354,118 @@ def test_cuda_tables_on_cpu_or_device_agree():
     a = ms_deform_attn(value, shapes, starts, loc, attn)
     b = ms_deform_attn(value, shapes.cpu(), starts.cpu(), loc, attn)
     torch.testing.assert_close(a, b)
+
+
+# --- non-finite sampling locations ----------------------------------------------------------
+
+NONFINITE = [
+    (0, 0, 0, 0, 0, float("nan")),  # (b, q, h, l, p, x): NaN x
+    (0, 1, 1, 1, 1, None),  # NaN y (None: set y, not x)
+    (1, 2, 0, 0, 1, float("inf")),
+    (1, 3, 1, 1, 0, float("-inf")),
+]
+
+
+def _nonfinite_problem(dtype):
+    value, shapes, starts, loc, attn = random_problem(
+        [(5, 6), (3, 2)], queries=4, dtype=dtype, generator=torch.Generator().manual_seed(3)
+    )
+    bad = torch.zeros(loc.shape[:-1], dtype=torch.bool)
+    loc = loc.clone()
+    for b, q, h, lvl, p, x in NONFINITE:
+        if x is None:
+            loc[b, q, h, lvl, p, 1] = float("nan")
+        else:
+            loc[b, q, h, lvl, p, 0] = x
+        bad[b, q, h, lvl, p] = True
+    return value, shapes, starts, loc, attn, bad
+
+
+@pytest.mark.parametrize("fn", [ms_deform_attn, ms_deform_attn_reference], ids=["op", "ref"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nonfinite_locations_contribute_zero(fn, dtype):
+    value, shapes, starts, loc, attn, bad = _nonfinite_problem(dtype)
+    # Independent answer: the same problem with those points' weights zeroed and their
+    # locations moved anywhere finite (here the map centre).
+    loc_ok = torch.where(bad[..., None], torch.full_like(loc, 0.5), loc)
+    attn_ok = attn.masked_fill(bad, 0.0)
+    inputs = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    inputs_ok = [t.clone().requires_grad_() for t in (value, loc_ok, attn_ok)]
+    out = fn(inputs[0], shapes, starts, inputs[1], inputs[2])
+    want = ms_deform_attn_reference(inputs_ok[0], shapes, starts, inputs_ok[1], inputs_ok[2])
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, want, **tol)
+    g = torch.randn_like(out)
+    gv, gl, ga = torch.autograd.grad(out, inputs, g)
+    wv, wl, wa = torch.autograd.grad(want, inputs_ok, g)
+    assert all(bool(torch.isfinite(t).all()) for t in (out, gv, gl, ga))
+    torch.testing.assert_close(gv, wv, **tol)
+    torch.testing.assert_close(gl[~bad], wl[~bad], **tol)
+    torch.testing.assert_close(ga[~bad], wa[~bad], **tol)
+    assert gl[bad].abs().max() == 0 and ga[bad].abs().max() == 0  # as if off the map
+
+
+def test_reference_is_zero_for_finite_locations_too_large_for_grid_sample():
+    # 2 * 1e38 - 1 is finite in float32, but grid_sample's own arithmetic overflows on it
+    value, shapes, starts, loc, attn = random_problem([(4, 3)], dtype=torch.float32)
+    loc = loc.clone()
+    loc[0, 0, 0, 0, 0, 0] = 1e38
+    loc[0, 1, 0, 0, 0, 1] = -1e38
+    for fn in (ms_deform_attn, ms_deform_attn_reference):
+        out = fn(value, shapes, starts, loc, attn)
+        assert bool(torch.isfinite(out).all())
+    attn_ok = attn.clone()
+    attn_ok[0, 0, 0, 0, 0] = attn_ok[0, 1, 0, 0, 0] = 0
+    want = ms_deform_attn_reference(value, shapes, starts, loc.clamp(-1, 2), attn_ok)
+    torch.testing.assert_close(ms_deform_attn_reference(value, shapes, starts, loc, attn), want)
+
+
+@pytest.mark.parametrize("fn", [ms_deform_attn, ms_deform_attn_reference], ids=["op", "ref"])
+def test_check_finite_raises_on_nonfinite_locations(fn):
+    value, shapes, starts, loc, attn, _ = _nonfinite_problem(torch.float64)
+    with pytest.raises(
+        ValueError, match=r"4 non-finite values .*first at index \(0, 0, 0, 0, 0, 0\)"
+    ):
+        fn(value, shapes, starts, loc, attn, check_finite=True)
+    good = random_problem([(5, 6), (3, 2)], queries=4)
+    torch.testing.assert_close(fn(*good, check_finite=True), fn(*good))
+
+
+def test_module_check_finite_and_diverged_offsets():
+    torch.manual_seed(0)
+    query, value, ref, ss, starts = _module_inputs()
+    m = MultiScaleDeformableAttention(embed_dim=32, num_heads=4, num_levels=3, num_points=2)
+    healthy = m(
+        query, value=value, reference_points=ref, spatial_shapes=ss, level_start_index=starts
+    )
+    with torch.no_grad():
+        m.sampling_offsets.bias[5] = float("inf")
+    # default: the op's off-map rule would hide it; the module makes every query's output NaN
+    out = m(query, value=value, reference_points=ref, spatial_shapes=ss, level_start_index=starts)
+    assert bool(out.isnan().all()) and bool(torch.isfinite(healthy).all())
+    m.check_finite = True
+    with pytest.raises(ValueError, match="sampling_locations hold 14 non-finite values"):
+        m(query, value=value, reference_points=ref, spatial_shapes=ss, level_start_index=starts)
+    # non-finite *reference points* (an all-padding level) keep the op's rule: finite output
+    m.check_finite = False
+    with torch.no_grad():
+        m.sampling_offsets.bias[5] = 0.0
+    ref = ref.clone()
+    ref[0, 2, 1] = float("nan")
+    out = m(query, value=value, reference_points=ref, spatial_shapes=ss, level_start_index=starts)
+    assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.cuda
+def test_cuda_nonfinite_locations_match_reference_and_check():
+    value, shapes, starts, loc, attn, bad = _nonfinite_problem(torch.float64)
+    cpu = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    dev = [t.cuda().requires_grad_() for t in (value, loc, attn)]
+    want = ms_deform_attn_reference(cpu[0], shapes, starts, cpu[1], cpu[2])
+    out = ms_deform_attn(dev[0], shapes.cuda(), starts.cuda(), dev[1], dev[2])
+    torch.testing.assert_close(out.cpu(), want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(out, dev, g.cuda()), torch.autograd.grad(want, cpu, g)):
+        torch.testing.assert_close(a.cpu(), b)
+    with pytest.raises(ValueError, match="4 non-finite values"):
+        ms_deform_attn(*(t.cuda() for t in (value, shapes, starts, loc, attn)), check_finite=True)

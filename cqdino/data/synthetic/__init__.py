@@ -16,9 +16,11 @@ This data is for demos, smoke tests and controlled studies (e.g. how AP on rare 
 to a change); it is not a substitute for real data: the shapes are trivially separable by colour
 and texture once seen, and no claim about V3Det/COCO should be drawn from numbers on it.
 
-Generate with ``python -m cqdino.data.synthetic --out $DETECTRON2_DATASETS/synthetic_vocab``;
-the registered ``synthetic_vocab_{train,val}`` datasets also generate the default demo on first
-use. Output is written to a temporary folder and renamed into place (never partial).
+Generate with ``python -m cqdino.data.synthetic --out $DETECTRON2_DATASETS/synthetic_vocab``
+(``--help`` lists the sizes and their defaults); the registered ``synthetic_vocab_{train,val}``
+datasets read whatever the folder holds (its ``meta.json``), and generate the default demo on
+first use when the folder is absent. Output is written to a temporary folder and renamed into
+place (never partial).
 
 Layout of ``out_dir``::
 
@@ -42,7 +44,15 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["generate", "vocabulary", "category_tree_dict", "DEMO_CONFIG", "ensure_generated"]
+__all__ = [
+    "generate",
+    "vocabulary",
+    "category_tree_dict",
+    "DEMO_CONFIG",
+    "ensure_generated",
+    "read_meta",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -455,26 +465,56 @@ def generate(
     return out_dir
 
 
+def read_meta(out_dir: str) -> dict:
+    """The generation parameters of a generated folder (its ``meta.json``).
+
+    Raises:
+        FileNotFoundError if ``out_dir`` has no ``meta.json``; ValueError naming the file if it
+        is unreadable, incomplete or of another format version.
+    """
+    meta_file = os.path.join(out_dir, "meta.json")
+    if not os.path.exists(meta_file):
+        raise FileNotFoundError(f"{meta_file} does not exist: {out_dir} is not a generated dataset")
+    try:
+        with open(meta_file) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {meta_file}: {e}") from e
+    regenerate = f"regenerate with `python -m cqdino.data.synthetic --out {out_dir} --overwrite`"
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(
+            f"{meta_file}: format version {version!r}, this code reads {FORMAT_VERSION}; "
+            + regenerate
+        )
+    missing = [k for k in DEMO_CONFIG if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_file}: missing generation parameters {missing}; " + regenerate)
+    return meta
+
+
 def ensure_generated(out_dir: str, **kwargs) -> str:
     """Generate ``out_dir`` with :data:`DEMO_CONFIG` (overridden by ``kwargs``) unless it exists.
 
-    An existing folder made with other parameters is an error (delete it or generate explicitly).
+    An existing generated folder is used as it is (its ``meta.json`` holds the parameters it
+    was made with); only parameters passed explicitly in ``kwargs`` are compared with it, and a
+    difference is an error.
     """
-    cfg = {**DEMO_CONFIG, **kwargs}
     meta_file = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_file):
-        with open(meta_file) as f:
-            meta = json.load(f)
-        want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+        meta = read_meta(out_dir)
+        want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
         diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
         if diff:
             raise ValueError(
-                f"{out_dir} was generated with other parameters {diff} (found, wanted); "
-                "delete it or regenerate with `python -m cqdino.data.synthetic --out ...`"
+                f"{out_dir} was generated with other parameters {diff} (found, wanted); use the "
+                "folder as it is (pass no generation arguments), or replace it with "
+                f"`python -m cqdino.data.synthetic --out {out_dir} --overwrite ...`"
             )
         return out_dir
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} exists but has no meta.json: not a generated dataset")
+    cfg = {**DEMO_CONFIG, **kwargs}
     logger.info(f"Generating the synthetic vast-vocabulary dataset into {out_dir} ...")
     t0 = time.perf_counter()
     try:
@@ -487,13 +527,48 @@ def ensure_generated(out_dir: str, **kwargs) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output folder, e.g. datasets/synthetic_vocab")
-    p.add_argument("--num-categories", type=int, default=DEMO_CONFIG["num_categories"])
-    p.add_argument("--num-train-images", type=int, default=DEMO_CONFIG["num_train_images"])
-    p.add_argument("--num-val-images", type=int, default=DEMO_CONFIG["num_val_images"])
-    p.add_argument("--seed", type=int, default=DEMO_CONFIG["seed"])
-    p.add_argument("--overwrite", action="store_true")
+    """Command line of :func:`generate` (``python -m cqdino.data.synthetic --help``)."""
+    p = argparse.ArgumentParser(
+        prog="python -m cqdino.data.synthetic",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        default=argparse.SUPPRESS,  # required: no default to show
+        help="output folder, e.g. $DETECTRON2_DATASETS/synthetic_vocab",
+    )
+    p.add_argument(
+        "--num-categories",
+        type=int,
+        default=DEMO_CONFIG["num_categories"],
+        help=f"categories C, {len(SHAPES) + 1}..{MAX_CATEGORIES}",
+    )
+    p.add_argument(
+        "--num-train-images",
+        type=int,
+        default=DEMO_CONFIG["num_train_images"],
+        help="images in the train split",
+    )
+    p.add_argument(
+        "--num-val-images",
+        type=int,
+        default=DEMO_CONFIG["num_val_images"],
+        help="images in the val split",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=list(DEMO_CONFIG["image_size"]),
+        help="range of the random image width and height in pixels",
+    )
+    p.add_argument(
+        "--seed", type=int, default=DEMO_CONFIG["seed"], help="everything is a function of it"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     generate(
@@ -501,11 +576,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         num_categories=a.num_categories,
         num_train_images=a.num_train_images,
         num_val_images=a.num_val_images,
+        image_size=tuple(a.image_size),
         seed=a.seed,
         overwrite=a.overwrite,
     )
     print(f"wrote {a.out} in {time.perf_counter() - t0:.1f} s")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,9 @@
+"""``python -m cqdino.data.synthetic``: generate the synthetic vocabulary dataset.
+
+A separate ``__main__`` so that running the package does not execute a module that
+``cqdino.data`` has already imported (runpy's ``RuntimeWarning``).
+"""
+
+from . import main
+
+main()
