@@ -13,7 +13,7 @@ authors' text embeddings; ``cqdino/data/name_embeddings.py``).
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 
-from cqdino.data.build import category_tree_file
+from cqdino.data import category_tree_file
 from cqdino.data.name_embeddings import name_embedding_file
 
 from .common.data.synthetic import dataloader

@@ -13,7 +13,7 @@ and the pretrained lr multipliers (configs/common/optim_cqdino.py, ``pretrained=
 
 from detectron2.config import LazyCall as L
 
-from cqdino.data.build import category_tree_file
+from cqdino.data import category_tree_file
 
 from .common.data.v3det import dataloader
 from .common.models.cqdino_r50 import model

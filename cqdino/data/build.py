@@ -41,7 +41,6 @@ __all__ = [
     "ResumableBatchLoader",
     "build_train_loader",
     "build_test_loader",
-    "category_tree_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -246,6 +245,9 @@ class ResumableBatchLoader:
             num_workers=self.num_workers,
             collate_fn=_first,
             worker_init_fn=worker_init_reset_seed,
+            # its own generator: creating the iterator draws no number from the global RNG
+            # (a resumed run would otherwise draw it after the restored RNG state)
+            generator=torch.Generator().manual_seed(self.dataset.seed),
         )
         for position, item in loader:
             self._consumed += 1
@@ -344,13 +346,3 @@ def build_test_loader(dataset: Sequence[dict], mapper, num_workers: int = 0):
     """detectron2's test loader (batch 1 per rank, every image once over all ranks)."""
     return build_detection_test_loader(dataset, mapper=mapper, num_workers=num_workers)
 
-
-def category_tree_file(dataset_name: str) -> str:
-    """The category-tree json of a registered dataset (its ``category_tree_file`` metadata),
-    for configs: ``model.class_head.tree_file = L(category_tree_file)(dataset_name=...)``."""
-    if dataset_name not in DatasetCatalog.list():
-        raise DatasetNotFoundError(f"dataset {dataset_name!r} is not registered")
-    path = MetadataCatalog.get(dataset_name).get("category_tree_file")
-    if path is None:
-        raise ValueError(f"dataset {dataset_name!r} has no category tree (category_tree_file)")
-    return path

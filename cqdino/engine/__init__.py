@@ -5,7 +5,7 @@ CPU-capable multi-process launcher, evaluation with a progress bar, and the LR s
 from .checkpoint import AtomicCheckpointer, PeriodicCheckpointer, atomic_write
 from .evaluation import format_results, inference_on_dataset
 from .launch import launch
-from .schedule import step_schedule
+from .schedule import StepWithWarmup, step_schedule
 from .trainer import ModelEMA, Trainer, unwrap_model
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "inference_on_dataset",
     "launch",
     "step_schedule",
+    "StepWithWarmup",
     "ModelEMA",
     "Trainer",
     "unwrap_model",

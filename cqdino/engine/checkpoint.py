@@ -14,6 +14,7 @@ import pickle
 import tempfile
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import hooks
@@ -90,6 +91,30 @@ class AtomicCheckpointer(DetectionCheckpointer):
             raise RuntimeError(f"cannot read checkpoint {filename}: {e}") from e
 
 
+class _Array:
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+
+def _to_numpy(t: torch.Tensor) -> _Array:
+    return _Array(t.detach().cpu().numpy())
+
+
+def _to_tensor(a: _Array) -> torch.Tensor:
+    return torch.from_numpy(a.array)
+
+
+def _map_tensors(obj, fn):
+    """``obj`` with every tensor (``_to_numpy``) or ``_Array`` (``_to_tensor``) mapped by fn."""
+    if isinstance(obj, (torch.Tensor, _Array)):
+        return fn(obj) if isinstance(obj, torch.Tensor) == (fn is _to_numpy) else obj
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
 class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
     """detectron2's periodic checkpoint hook, registered on every rank: before a save it
     gathers each rank's RNG and data-loader state (``trainer.rank_state()``) so the checkpoint
@@ -101,7 +126,10 @@ class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
             self.max_iter is not None and it >= self.max_iter - 1
         )
         if due and hasattr(self.trainer, "rank_state"):
-            self.trainer._gathered_rank_states = comm.all_gather(self.trainer.rank_state())
+            # tensors travel as numpy arrays (detectron2 0.6 pickles objects in a way recent
+            # torch cannot unpickle tensors from) and are tensors again in the checkpoint
+            gathered = comm.all_gather(_map_tensors(self.trainer.rank_state(), _to_numpy))
+            self.trainer._gathered_rank_states = _map_tensors(gathered, _to_tensor)
         try:
             if comm.is_main_process():
                 self.step(it)

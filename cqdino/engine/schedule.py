@@ -1,13 +1,27 @@
 """The learning-rate schedule of the DINO / CQ-DINO recipes, written so a command-line change of
 ``train.max_iter`` moves the steps with it (milestones are fractions of ``max_iter``)."""
 
+import bisect
 from typing import Sequence
 
-from fvcore.common.param_scheduler import MultiStepParamScheduler
+from fvcore.common.param_scheduler import ParamScheduler
 
-from detectron2.solver import WarmupParamScheduler
+__all__ = ["StepWithWarmup", "step_schedule"]
 
-__all__ = ["step_schedule"]
+
+class StepWithWarmup(ParamScheduler):
+    """LR multiplier at iteration ``i``: ``warmup_factor + (1 - warmup_factor) * i / warmup``
+    during the warm-up, then ``gamma ** (number of steps <= i)``."""
+
+    def __init__(self, max_iter: int, steps: Sequence[int], gamma: float, warmup: int, factor: float):
+        self.max_iter, self.steps, self.gamma = max_iter, list(steps), gamma
+        self.warmup, self.factor = warmup, factor
+
+    def __call__(self, where: float) -> float:
+        it = round(where * self.max_iter, 6)  # detectron2 passes iteration / max_iter
+        if it < self.warmup:
+            return self.factor + (1.0 - self.factor) * it / self.warmup
+        return self.gamma ** bisect.bisect_right(self.steps, it)
 
 
 def step_schedule(
@@ -16,9 +30,10 @@ def step_schedule(
     gamma: float = 0.1,
     warmup_iters: int = 1000,
     warmup_factor: float = 0.1,
-) -> WarmupParamScheduler:
+) -> StepWithWarmup:
     """LR multiplier: ``gamma**i`` after the ``i``-th milestone, linear warm-up from
-    ``warmup_factor`` over ``warmup_iters`` iterations.
+    ``warmup_factor`` to 1 over ``warmup_iters`` iterations (ending at the first step at the
+    latest, for short runs).
 
     Args:
         max_iter: training length (``"${train.max_iter}"`` in configs).
@@ -33,12 +48,8 @@ def step_schedule(
         raise ValueError(
             f"lr_multiplier.milestones must be increasing fractions in (0, 1), got {milestones}"
         )
-    steps = [max(1, round(m * max_iter)) for m in fracs]
-    steps = [s for i, s in enumerate(steps) if s < max_iter and (i == 0 or s > steps[i - 1])]
-    scheduler = MultiStepParamScheduler(
-        values=[gamma**i for i in range(len(steps) + 1)],
-        milestones=steps,
-        num_updates=max_iter,
-    )
-    warmup = min(max(int(warmup_iters), 0), max_iter) / max_iter
-    return WarmupParamScheduler(scheduler, warmup_factor, warmup, warmup_method="linear")
+    if not 0 < warmup_factor <= 1:
+        raise ValueError(f"lr_multiplier.warmup_factor must be in (0, 1], got {warmup_factor}")
+    steps = sorted({max(1, round(m * max_iter)) for m in fracs})
+    warmup = min(max(int(warmup_iters), 0), steps[0] if steps else max_iter)
+    return StepWithWarmup(max_iter, steps, gamma, warmup, warmup_factor)

@@ -209,12 +209,14 @@ class Trainer(TrainerBase):
         storage = get_event_storage()
         storage.put_scalar("data_time", max(m["data_time"] for m in all_metrics))
         mean = {k: float(np.mean([m[k] for m in all_metrics])) for k in loss_dict}
-        storage.put_scalar("total_loss", sum(mean.values()))
+        # Raw per-iteration values in metrics.json / TensorBoard (repeatable across resumes);
+        # the console log still shows detectron2's 20-iteration medians of the losses.
+        storage.put_scalar("total_loss", sum(mean.values()), smoothing_hint=False)
         if grad_norm is not None:
             storage.put_scalar("grad_norm", float(np.mean([m["grad_norm"] for m in all_metrics])))
         if self.grad_scaler is not None:
             storage.put_scalar("grad_scale", self.grad_scaler.get_scale())
-        storage.put_scalars(**mean)
+        storage.put_scalars(**mean, smoothing_hint=False)
 
     # ------------------------------------------------------------------ state
     def rank_state(self) -> Dict[str, Any]:
