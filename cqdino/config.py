@@ -52,7 +52,7 @@ def add_cqdino_config(cfg: CN) -> None:
     cfg.MODEL.SWIN.OUT_INDICES = [1, 2, 3]
     cfg.MODEL.SWIN.DROP_PATH_RATE = 0.2
 
-    # From-scratch backbone preset (see cqdino.modeling.backbone.BACKBONE_PRESETS).
+    # From-scratch backbone preset (see cqdino.modeling.BACKBONE_PRESETS).
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
     cfg.MODEL.RESNETS.NORM = "BN"
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
