@@ -10,7 +10,8 @@ def add_cqdino_config(cfg: CN) -> None:
     from-scratch preset (no ImageNet weights offline): trainable BatchNorm, nothing frozen,
     C3-C5 outputs, ImageNet pixel std. With pretrained weights set ``MODEL.RESNETS.NORM:
     FrozenBN`` and ``MODEL.BACKBONE.FREEZE_AT: 1``. Then set
-    ``MODEL.META_ARCHITECTURE: "DINO"``.
+    ``MODEL.META_ARCHITECTURE: "DINO"``. The model's ``input_format`` (channel order of the
+    images and of ``MODEL.PIXEL_MEAN``/``PIXEL_STD``) is detectron2's ``INPUT.FORMAT``.
     """
     cfg.MODEL.DINO = CN()
     d = cfg.MODEL.DINO

@@ -377,6 +377,16 @@ def test_bad_configuration_errors_name_the_problem(tmp_path):
     path.write_text(json.dumps(tree))
     with pytest.raises(ValueError, match=r"small.json has 2 categories, the model has C=10"):
         _head(relation="tree", tree_file=str(path))
+    model = tiny_cqdino(C, topk=K, num_queries=20)  # res5 of the R18 (width 32): 256 channels
+    kw = {
+        k: getattr(model, k)
+        for k in ("backbone", "neck", "position_embedding", "transformer", "criterion")
+    }
+    wrong = build_contrastive_class_head(  # in_channels of an R50's res5
+        C, 2048, num_decoder_layers=2, embed_dim=64, topk=K, query_dim=32, relation="none"
+    )
+    with pytest.raises(ValueError, match=r"model\.class_head\.in_channels=2048.*channels=256"):
+        CQDINO(**kw, class_head=wrong, pixel_mean=(0.0,) * 3, pixel_std=(1.0,) * 3)
     head = _head()
     with pytest.raises(KeyError, match="res5"):
         head.prepare({"res4": torch.zeros(1, 8, 2, 2)}, [(64, 64)])
