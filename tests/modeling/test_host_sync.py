@@ -9,6 +9,7 @@ works on host tensors, which on an accelerator have been through a counted ``.cp
 twin runs the same step under ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
+import os
 import traceback
 from typing import List, Tuple
 
@@ -17,6 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cqdino
 from cqdino import _ext
 from cqdino.modeling import HungarianMatcher
 from tests.modeling.cqdino_utils import tiny_cqdino
@@ -41,10 +43,16 @@ _BUILDERS = {
 }
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(cqdino.__file__)) + os.sep
+
+
 def _caller() -> str:
-    """``file:line`` of the innermost cqdino frame (where the read happens)."""
-    frames = [f for f in traceback.extract_stack() if "/cqdino/" in f.filename]
-    return f"{frames[-1].filename.rsplit('/cqdino/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+    """``file:line`` (relative to the package) of the innermost frame inside the cqdino package:
+    where the read happens."""
+    frames = [f for f in traceback.extract_stack() if f.filename.startswith(_PACKAGE)]
+    if not frames:
+        return "?"
+    return f"{frames[-1].filename[len(_PACKAGE):].replace(os.sep, '/')}:{frames[-1].lineno}"
 
 
 class _Methods(TorchFunctionMode):
