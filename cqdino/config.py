@@ -24,7 +24,8 @@ def add_cqdino_config(cfg: CN) -> None:
     from-scratch preset (no ImageNet weights offline): trainable BatchNorm, nothing frozen,
     C3-C5 outputs, ImageNet pixel std. With pretrained weights set ``MODEL.RESNETS.NORM:
     FrozenBN`` and ``MODEL.BACKBONE.FREEZE_AT: 1``. Then set
-    ``MODEL.META_ARCHITECTURE: "DINO"``.
+    ``MODEL.META_ARCHITECTURE: "DINO"``. The model's ``input_format`` (channel order of the
+    images and of ``MODEL.PIXEL_MEAN``/``PIXEL_STD``) is detectron2's ``INPUT.FORMAT``.
 
     Defaults are COCO (80 classes; CQ-DINO: self-attention, K = 30), unlike the V3Det LazyConfig
     model configs (13,204 classes, tree); see the module docstring.
@@ -70,7 +71,7 @@ def add_cqdino_config(cfg: CN) -> None:
     cfg.MODEL.SWIN.OUT_INDICES = [1, 2, 3]
     cfg.MODEL.SWIN.DROP_PATH_RATE = 0.2
 
-    # From-scratch backbone preset (see cqdino.modeling.backbone.BACKBONE_PRESETS).
+    # From-scratch backbone preset (see cqdino.modeling.BACKBONE_PRESETS).
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
     cfg.MODEL.RESNETS.NORM = "BN"
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False

@@ -1,69 +1,18 @@
-"""DINO core (detectron2 meta-architecture ``"DINO"``) and its swappable parts."""
+"""Models of cqdino, in two packages:
 
-from .backbone import (
-    BACKBONE_PRESETS,
-    TimmSwinBackbone,
-    build_resnet,
-    build_timm_swin_backbone,
-    get_dino_optimizer_params,
-)
-from .criterion import SetCriterion, sigmoid_focal_loss
-from .denoising import CDNGenerator
-from .heads import ClassHead, ClassHeadState, LinearClassHead
-from .matcher import HungarianMatcher
-from .meta_arch import DINO
-from .neck import ChannelMapper, MaskedGroupNorm
-from .position_encoding import PositionEmbeddingSine, sine_embed_boxes
-from .transformer import DeformableDecoder, DeformableEncoder, DINOTransformer
+* :mod:`cqdino.modeling.dino`: the DINO core (detectron2 meta-architecture ``"DINO"``);
+* :mod:`cqdino.modeling.cqdino`: CQ-DINO on top of it (meta-architecture ``"CQDINO"``).
 
-__all__ = [
-    "BACKBONE_PRESETS",
-    "get_dino_optimizer_params",
-    "TimmSwinBackbone",
-    "build_resnet",
-    "build_timm_swin_backbone",
-    "SetCriterion",
-    "sigmoid_focal_loss",
-    "CDNGenerator",
-    "ClassHead",
-    "ClassHeadState",
-    "LinearClassHead",
-    "HungarianMatcher",
-    "DINO",
-    "ChannelMapper",
-    "MaskedGroupNorm",
-    "PositionEmbeddingSine",
-    "sine_embed_boxes",
-    "DeformableDecoder",
-    "DeformableEncoder",
-    "DINOTransformer",
-]
+Every public name of both is importable from here (configs and users import from
+``cqdino.modeling``); importing this package registers both meta-architectures.
+"""
 
-# CQ-DINO (registers the "CQDINO" meta-architecture)
-from .contrastive_head import (  # noqa: E402
-    ContrastiveClassHead,
-    build_contrastive_class_head,
-    load_category_tree,
-)
-from .meta_arch_cqdino import (  # noqa: E402
-    CQDINO,
-    DecoderCategoryAttention,
-    EncoderCategoryFusion,
-    cqdino_recipe_multipliers,
-    decoder_category_attention,
-    encoder_fusion_layers,
-    install_category_hooks,
-)
+from .cqdino import *  # noqa: F401,F403
+from .cqdino import __all__ as _cqdino_all
+from .dino import *  # noqa: F401,F403
+from .dino import __all__ as _dino_all
 
-__all__ += [
-    "ContrastiveClassHead",
-    "build_contrastive_class_head",
-    "load_category_tree",
-    "CQDINO",
-    "DecoderCategoryAttention",
-    "EncoderCategoryFusion",
-    "cqdino_recipe_multipliers",
-    "decoder_category_attention",
-    "encoder_fusion_layers",
-    "install_category_hooks",
-]
+# one optimizer-group builder for both models; the CQ-DINO configs know it by this name
+get_cqdino_optimizer_params = get_optimizer_params  # noqa: F405
+
+__all__ = list(_dino_all) + list(_cqdino_all) + ["get_cqdino_optimizer_params"]

@@ -10,14 +10,14 @@ import math
 import sys
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cqdino.modeling.category_queries import (
+from cqdino.data import CategoryDAG
+from cqdino.modeling import (
     CategoryQueries,
     CategorySelector,
     CategorySelfAttention,
@@ -55,13 +55,20 @@ def test_tree_aggregation_hand_computed(max_nnz):
 
 @BOTH_PATHS
 def test_tree_aggregation_accepts_dag_object_and_given_counts(max_nnz):
-    dag = SimpleNamespace(children=[[1], [2], []], num_descendants=[2, 1, 0])
+    # a chain 0 -> 1 -> 2, written out as the data package's CategoryDAG
+    dag = CategoryDAG([[1], [2], []], [2, 1, 0], [2, 1, 0], [[2], [1], [0]])
     x = torch.randn(3, 4, dtype=torch.float64)
     a = TreeAggregation(dag, max_operator_nnz=max_nnz).double()(x)
-    b = TreeAggregation.from_dag(dag, max_operator_nnz=max_nnz).double()(x)
-    c = TreeAggregation([[1], [2], []], max_operator_nnz=max_nnz).double()(x)  # counts computed
-    torch.testing.assert_close(a, b)
+    c = TreeAggregation([[1], [2], []], max_operator_nnz=max_nnz).double()(x)  # DAG built
     torch.testing.assert_close(a, c)
+    w2, w1 = _w(1, 3), _w(2, 3)
+    x1 = (1 - w2) * x[1] + w2 * x[2]
+    torch.testing.assert_close(a, torch.stack([(1 - w1) * x[0] + w1 * x1, x1, x[2]]))
+    # given counts override the DAG's (only w changes)
+    d = TreeAggregation(dag, [0, 0, 0], max_operator_nnz=max_nnz).double()(x)
+    w0 = _w(0, 3)
+    x1 = (1 - w0) * x[1] + w0 * x[2]
+    torch.testing.assert_close(d, torch.stack([(1 - w0) * x[0] + w0 * x1, x1, x[2]]))
     # batched input [B, C, D]
     xb = torch.randn(2, 3, 4, dtype=torch.float64)
     agg = TreeAggregation(dag, max_operator_nnz=max_nnz).double()
@@ -90,8 +97,8 @@ def test_tree_aggregation_bad_dag(children, match):
 
 
 def test_tree_aggregation_wrong_width_and_count():
-    with pytest.raises(ValueError, match="num_categories"):
-        TreeAggregation([[1], []], num_categories=3)
+    with pytest.raises(ValueError, match="num_descendants has 3 entries, expected 2"):
+        TreeAggregation([[1], []], [1, 0, 0])
     with pytest.raises(ValueError, match="C=2"):
         TreeAggregation([[1], []])(torch.randn(3, 4))
 
@@ -155,11 +162,31 @@ def test_tree_aggregation_matches_per_node_reference_on_lvis(shared_data, max_nn
 
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
     expected = torch.tensor([final(i) for i in range(C)], dtype=torch.float64)
-    got = TreeAggregation(children, n_desc, C, max_operator_nnz=max_nnz).double()(x)
+    got = TreeAggregation(children, n_desc, max_operator_nnz=max_nnz).double()(x)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
     # counts computed internally from the child lists agree with ancestor2descendant
     got2 = TreeAggregation(children, max_operator_nnz=max_nnz).double()(x)
     torch.testing.assert_close(got2, expected, rtol=1e-9, atol=1e-9)
+
+
+@BOTH_PATHS
+def test_half_model_keeps_the_float64_operator(max_nnz):
+    """``model.half()`` / ``.to(float16)`` must not round the aggregation weights: the float64
+    buffers stay float64 and a half input is aggregated as in float32."""
+    children = [[1, 2], [3], [3, 4], [], []]
+    C = 5
+    x = torch.randn(C, 6, dtype=torch.float64)
+    expected = TreeAggregation(children, max_operator_nnz=max_nnz).double()(x)
+    queries = CategoryQueries(C, 6, relation=TreeAggregation(children, max_operator_nnz=max_nnz))
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.float16), lambda m: m.bfloat16()):
+        agg = cast(queries).relation
+        floats = [b for b in agg.buffers() if b.is_floating_point()]
+        assert floats and all(b.dtype == torch.float64 for b in floats)
+        got = agg(x.half())
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=2e-3)
+    # the weights themselves are exact after the cast
+    assert agg.weight.tolist() == pytest.approx([_w(4, C), _w(1, C), _w(2, C), _w(0, C), _w(0, C)])
 
 
 def test_tree_aggregation_paths_agree_at_v3det_scale():
@@ -372,7 +399,7 @@ def test_selector_input_checks():
 # ----------------------------------------------------------------------------- memory at scale
 _MEM_SCRIPT = r"""
 import json, sys, torch
-from cqdino.modeling.category_queries import CategorySelector
+from cqdino.modeling import CategorySelector
 torch.set_num_threads(1)
 cfg = json.loads(sys.argv[1])
 torch.manual_seed(0)

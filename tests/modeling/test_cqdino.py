@@ -54,7 +54,7 @@ def _head(**kw):
     return build_contrastive_class_head(C, 8, **kw)
 
 
-def test_contrastive_logits_per_layer_bias_and_padded_slots():
+def test_contrastive_logits_per_layer_bias_and_targets():
     torch.manual_seed(0)
     head = _head().double()
     with torch.no_grad():
@@ -62,24 +62,16 @@ def test_contrastive_logits_per_layer_bias_and_padded_slots():
     B, Q, D = 2, 5, 16
     hidden = torch.randn(B, Q, D, dtype=torch.float64)
     tokens = torch.randn(B, K, D, dtype=torch.float64)
-    valid = torch.tensor([[True, True, True], [True, False, True]])
     state = ClassHeadState(indices=torch.tensor([[4, 1, 7], [2, 9, 0]]), embeddings=tokens)
     for layer, b in [(0, -1.0), (1, 0.5), (None, -4.0)]:  # None = encoder proposals
         out = head(hidden, state, layer)
         ref = torch.einsum("bqd,bkd->bqk", hidden, tokens) / math.sqrt(D) + b
         torch.testing.assert_close(out, ref)
-    masked = head(hidden, ClassHeadState(embeddings=tokens, valid=valid), 1)
-    assert torch.isneginf(masked[1, :, 1]).all()
-    ref = torch.einsum("bqd,bkd->bqk", hidden, tokens) / math.sqrt(D) + 0.5
-    keep = valid[:, None].expand_as(masked)
-    torch.testing.assert_close(masked[keep], ref[keep])
-    # image 1: slot 0 = class 2 (real), slot 1 = class 9 (padded), slot 2 = class 2 (padded
-    # duplicate): 9 has no column, 2 keeps its real slot
-    valid = torch.tensor([[True, True, True], [True, False, False]])
-    state = ClassHeadState(indices=torch.tensor([[4, 1, 7], [2, 9, 2]]), valid=valid)
-    mapped = head.map_targets([torch.tensor([7, 3, 4]), torch.tensor([9, 2, 0])], state)
-    assert mapped[0].tolist() == [2, -1, 0] and mapped[1].tolist() == [-1, 0, -1]
-    assert head.map_dn_labels(mapped[1]).tolist() == [K, 0, K]
+    # targets: position among the image's selected categories, -1 when not selected
+    state = ClassHeadState(indices=torch.tensor([[4, 1, 7], [2, 9, 0]]))
+    mapped = head.map_targets([torch.tensor([7, 3, 4]), torch.tensor([9, 2, 5])], state)
+    assert mapped[0].tolist() == [2, -1, 0] and mapped[1].tolist() == [1, 0, -1]
+    assert head.map_dn_labels(mapped[1]).tolist() == [1, 0, K]
 
 
 def test_bias_initialised_to_prior():
@@ -271,7 +263,16 @@ def test_stage1_trains_only_the_category_modules(extra):
     )
     calls = []
     model.transformer.register_forward_hook(lambda *a: calls.append(1))
+    # frozen parts stay in eval mode through model.train(): BatchNorm statistics do not move
+    model.train()
+    bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    stats = [m.running_mean.clone() for m in bns]
+    assert all(m.training == bool(extra) for m in bns)
+    assert not model.neck.training and not model.transformer.training
+    assert model.class_head.selector.training and model.class_head.category_queries.training
     losses = model(batch([(64, 96, 2), (64, 64, 1)], C))
+    moved = [not torch.equal(m.running_mean, s) for m, s in zip(bns, stats)]
+    assert all(moved) if extra else not any(moved)
     assert set(losses) == {"loss_select"} and not calls  # encoder/decoder skipped
     losses["loss_select"].backward()
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -376,8 +377,18 @@ def test_bad_configuration_errors_name_the_problem(tmp_path):
     path.write_text(json.dumps(tree))
     with pytest.raises(ValueError, match=r"small.json has 2 categories, the model has C=10"):
         _head(relation="tree", tree_file=str(path))
+    model = tiny_cqdino(C, topk=K, num_queries=20)  # res5 of the R18 (width 32): 256 channels
+    kw = {
+        k: getattr(model, k)
+        for k in ("backbone", "neck", "position_embedding", "transformer", "criterion")
+    }
+    wrong = build_contrastive_class_head(  # in_channels of an R50's res5
+        C, 2048, num_decoder_layers=2, embed_dim=64, topk=K, query_dim=32, relation="none"
+    )
+    with pytest.raises(ValueError, match=r"model\.class_head\.in_channels=2048.*channels=256"):
+        CQDINO(**kw, class_head=wrong, pixel_mean=(0.0,) * 3, pixel_std=(1.0,) * 3)
     head = _head()
     with pytest.raises(KeyError, match="res5"):
         head.prepare({"res4": torch.zeros(1, 8, 2, 2)}, [(64, 64)])
-    with pytest.raises(ValueError, match="out of"):  # GT class outside [0, C)
+    with pytest.raises(RuntimeError, match="out of"):  # GT class outside [0, C), async assert
         head.prepare({"res5": torch.zeros(1, 8, 2, 2)}, [(64, 64)], [torch.tensor([C])])

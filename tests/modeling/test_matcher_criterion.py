@@ -153,23 +153,29 @@ def test_unselected_target_has_zero_class_row_but_box_loss(rng_seed):
     assert losses["loss_bbox"].item() == pytest.approx(5 * ref_l1.item(), rel=1e-5)
 
 
-def test_invalid_columns_are_ignored(rng_seed):
-    """Columns with valid=False hold -inf logits: the loss is finite and equals the loss on the
-    valid columns alone; gradients are finite."""
+def test_match_sets_solves_every_set_against_the_enumeration(rng_seed):
+    """Several prediction sets matched in one call (one host transfer): each set's assignment
+    has the brute-force minimum cost of that set; images without GT give empty pairs."""
     gen = torch.Generator().manual_seed(rng_seed)
-    Q = 6
-    t = [{"labels": torch.tensor([0, 2]), "boxes": rand_boxes(2, gen)}]
-    valid = torch.tensor([[True, True, True, False, False]])
-    base = torch.randn(1, Q, 3, generator=gen)
-    logits = torch.cat([base, torch.full((1, Q, 2), -math.inf)], 2).requires_grad_()
-    boxes = rand_boxes(Q, gen)[None]
-    crit = _criterion()
-    full = crit({"pred_logits": logits, "pred_boxes": boxes}, t, valid_columns=valid)
-    sub = crit({"pred_logits": base, "pred_boxes": boxes}, t)
-    for k in sub:
-        assert full[k].item() == pytest.approx(sub[k].item(), rel=1e-5), k
-    sum(full.values()).backward()
-    assert torch.isfinite(logits.grad).all()
+    Q, N = 5, 3
+    targets = [
+        {"labels": torch.tensor([0, -1, 2]), "boxes": rand_boxes(3, gen)},
+        {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
+    ]
+    sets = [(torch.randn(2, Q, N, generator=gen) * 3, rand_boxes(2 * Q, gen).view(2, Q, 4))]
+    sets.append((torch.randn(2, Q, N, generator=gen), rand_boxes(2 * Q, gen).view(2, Q, 4)))
+    out = HungarianMatcher().match_sets(sets, targets)
+    assert len(out) == 2
+    for (logits, boxes), per_image in zip(sets, out):
+        (q, g), (q1, g1) = per_image
+        cost = reference_cost(logits[0], boxes[0], targets[0]["labels"], targets[0]["boxes"])
+        assert sorted(g.tolist()) == [0, 1, 2] and len(set(q.tolist())) == 3
+        assert cost[q, g].sum().item() == pytest.approx(brute_force_min(cost), rel=1e-5)
+        assert q1.numel() == 0 and g1.numel() == 0
+    bad = sets[0][0].clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        HungarianMatcher().match_sets([(bad, sets[0][1])], targets)
 
 
 def test_no_gt_gives_finite_losses():
@@ -216,7 +222,7 @@ def _num_boxes_worker(rank, world, init_file, results):
                     "boxes": torch.rand(counts[rank], 4),
                 }
             ]
-            results[(rank, i)] = _criterion().num_boxes(t, torch.device("cpu"))
+            results[(rank, i)] = float(_criterion().num_boxes(t, torch.device("cpu")))
     finally:
         dist.destroy_process_group()
 

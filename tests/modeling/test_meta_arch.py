@@ -7,9 +7,10 @@ import time
 
 import pytest
 import torch
+from detectron2.layers import ShapeSpec
 from torch import nn
 
-from cqdino.modeling import ClassHead, ClassHeadState
+from cqdino.modeling import DINO, ChannelMapper, ClassHead, ClassHeadState
 from tests.modeling.utils import assert_checkpointing_is_exact, batch, tiny_dino
 
 C = 10
@@ -128,7 +129,7 @@ def test_13204_classes_train_step():
 
 class SelectHead(ClassHead):
     """Fake CQ-DINO-style head: K columns = per-image selected classes (fixed in prepare),
-    logits = query . prototype(class) / sqrt(D) + bias, last column of image 1 padded."""
+    logits = query . prototype(class) / sqrt(D) + bias."""
 
     def __init__(self, num_classes, K, D):
         super().__init__()
@@ -144,21 +145,19 @@ class SelectHead(ClassHead):
         B = len(image_sizes)
         dev = self.proto.weight.device
         indices = torch.stack([torch.arange(self.K, device=dev) * 2 + b for b in range(B)])
-        valid = torch.ones(B, self.K, dtype=torch.bool, device=dev)
-        valid[-1, -1] = False
         emb = self.proto(indices)
         losses = {"loss_select": self.bias * 0 + 0.5}
-        return ClassHeadState(indices=indices, embeddings=emb, valid=valid, losses=losses)
+        return ClassHeadState(indices=indices, embeddings=emb, losses=losses)
 
     def forward(self, hidden, state, layer):
         self.seen.append(state.embeddings)
         logits = torch.einsum("bqd,bkd->bqk", hidden, state.embeddings) / hidden.shape[-1] ** 0.5
-        return (logits + self.bias).masked_fill(~state.valid[:, None], float("-inf"))
+        return logits + self.bias
 
     def map_targets(self, gt_classes, state):
         out = []
         for b, g in enumerate(gt_classes):
-            hit = (g[:, None] == state.indices[b][None]) & state.valid[b][None]
+            hit = g[:, None] == state.indices[b][None]
             out.append(torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(g, -1)))
         return out
 
@@ -197,13 +196,13 @@ def test_fake_selection_head_hooks_and_unselected_targets():
     assert model.dn_generator.label_embed.num_embeddings == K + 1
 
     inputs = batch([(64, 96, 0), (64, 64, 0)], C)
-    # image 0 selects classes 0, 2, 4; image 1 selects 1, 3 (5 is padded)
+    # image 0 selects classes 0, 2, 4; image 1 selects 1, 3, 5
     inputs[0]["instances"] = batch([(64, 96, 3)], C)[0]["instances"]
     inputs[0]["instances"].gt_classes = torch.tensor([2, 7, 4])  # 7 not selected
     inputs[1]["instances"] = batch([(64, 64, 2)], C, seed=1)[0]["instances"]
-    inputs[1]["instances"].gt_classes = torch.tensor([5, 3])  # 5 selected but padded -> -1
+    inputs[1]["instances"].gt_classes = torch.tensor([6, 3])  # 6 not selected
     state = head.prepare(None, [(64, 96), (64, 64)])
-    mapped = head.map_targets([torch.tensor([2, 7, 4]), torch.tensor([5, 3])], state)
+    mapped = head.map_targets([torch.tensor([2, 7, 4]), torch.tensor([6, 3])], state)
     assert mapped[0].tolist() == [1, -1, 2] and mapped[1].tolist() == [-1, 1]
     assert head.map_dn_labels(mapped[0]).tolist() == [1, K, 2]
 
@@ -222,10 +221,7 @@ def test_fake_selection_head_hooks_and_unselected_targets():
     with torch.no_grad():
         out = model(batch([(64, 96, 0), (64, 64, 0)], C))
     assert set(out[0]["instances"].pred_classes.tolist()) <= {0, 2, 4}
-    # padded column (class 5) is never predicted for image 1 (its logits are -inf)
-    cls1 = out[1]["instances"].pred_classes
-    scores1 = out[1]["instances"].scores
-    assert set(cls1[scores1 > 0].tolist()) <= {1, 3}
+    assert set(out[1]["instances"].pred_classes.tolist()) <= {1, 3, 5}
 
 
 @pytest.mark.cuda
@@ -252,3 +248,58 @@ def test_bf16_autocast_training_step():
     assert torch.isfinite(total)
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _rebuild(model, **kw):
+    """A DINO from ``model``'s modules with some constructor arguments replaced."""
+    args = {
+        k: getattr(model, k)
+        for k in ("backbone", "neck", "position_embedding", "transformer", "class_head")
+    }
+    args.update(criterion=model.criterion, pixel_mean=(0.0,) * 3, pixel_std=(1.0,) * 3)
+    return DINO(**{**args, **kw})
+
+
+def test_neck_inputs_that_do_not_match_the_backbone_fail_at_construction():
+    model = tiny_dino(C, embed_dim=64, width=32)  # R18 width 32: res3/4/5 = 64/128/256 channels
+    shapes = dict(model.backbone.output_shape())
+    features = ["res3", "res4", "res5"]
+
+    def neck(**changed):
+        return ChannelMapper({**shapes, **changed}, features, 64, 1, 32)
+
+    bad = neck(res5=ShapeSpec(channels=2048, stride=32))  # the R50 value in an R18 model
+    with pytest.raises(ValueError, match=r"model\.neck\.input_shapes\.res5\.channels=2048.*"):
+        _rebuild(model, neck=bad)
+    with pytest.raises(ValueError, match=r"model\.backbone outputs res5 with channels=256"):
+        _rebuild(model, neck=bad)
+    with pytest.raises(ValueError, match=r"model\.neck\.input_shapes\.res4\.stride=32"):
+        _rebuild(model, neck=neck(res4=ShapeSpec(channels=128, stride=32)))
+    features = ["res4", "res5", "res6"]
+    with pytest.raises(ValueError, match="reads 'res6', which the backbone does not output"):
+        _rebuild(model, neck=neck(res6=ShapeSpec(channels=512, stride=64)))
+    with pytest.raises(ValueError, match=r"in_features \['res6'\] have no entry in input_shapes"):
+        neck()
+
+
+def test_input_format_keyword_and_yacs_key():
+    model = tiny_dino(C, embed_dim=64, width=32)
+    assert model.input_format == "BGR"
+    assert _rebuild(model, input_format="RGB").input_format == "RGB"
+    with pytest.raises(ValueError, match='input_format must be "RGB" or "BGR", got \'rgb\''):
+        _rebuild(model, input_format="rgb")
+
+    from detectron2.config import get_cfg
+
+    from cqdino.config import add_cqdino_config
+
+    cfg = get_cfg()
+    add_cqdino_config(cfg)
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    d = cfg.MODEL.DINO
+    d.ENC_LAYERS = d.DEC_LAYERS = 1
+    d.HIDDEN_DIM, d.DIM_FEEDFORWARD, d.NUM_QUERIES = 64, 64, 10
+    assert DINO(cfg).input_format == "RGB"

@@ -9,6 +9,7 @@ from torch import nn
 from cqdino.modeling import (
     CDNGenerator,
     ChannelMapper,
+    ClassHeadState,
     DeformableDecoder,
     DeformableEncoder,
     DINOTransformer,
@@ -17,11 +18,10 @@ from cqdino.modeling import (
     PositionEmbeddingSine,
     TimmSwinBackbone,
     build_resnet,
+    level_masks,
     sine_embed_boxes,
 )
-from cqdino.modeling.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
-from cqdino.modeling.heads import ClassHeadState
-from cqdino.modeling.neck import level_masks
+from cqdino.modeling.dino.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
 
 
 def test_resnet18_outputs_c3_c5():

@@ -4,11 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from cqdino.modeling.category_queries import CategoryQueries, CategorySelector, TreeAggregation
-from cqdino.modeling.param_groups import (
+from cqdino.modeling import (
+    CategoryQueries,
+    CategorySelector,
+    TreeAggregation,
     category_module_names,
     freeze_for_stage1,
-    get_cqdino_optimizer_params,
+    get_optimizer_params,
     recipe_multipliers,
     stage1_trainable,
 )
@@ -57,7 +59,7 @@ def test_stage1_selection_and_freeze():
 
 def test_optimizer_params_multipliers():
     m = _Toy()
-    groups = get_cqdino_optimizer_params(
+    groups = get_optimizer_params(
         m,
         base_lr=1e-3,
         weight_decay=1e-4,
@@ -77,7 +79,7 @@ def test_optimizer_params_multipliers():
     from detectron2.solver import get_default_optimizer_params
 
     ours = _lookup(
-        get_cqdino_optimizer_params(
+        get_optimizer_params(
             m,
             base_lr=1e-3,
             weight_decay=1e-4,
@@ -102,6 +104,6 @@ def test_optimizer_params_multipliers():
 
 def test_optimizer_params_bad_prefix():
     with pytest.raises(ValueError, match="categroy"):
-        get_cqdino_optimizer_params(_Toy(), 1e-3, 1e-4, multipliers={"categroy": (0.1, 1.0)})
+        get_optimizer_params(_Toy(), 1e-3, 1e-4, multipliers={"categroy": (0.1, 1.0)})
     with pytest.raises(ValueError, match="base_lr"):
-        get_cqdino_optimizer_params(_Toy(), multipliers={"backbone": (0.1, 1.0)})
+        get_optimizer_params(_Toy(), multipliers={"backbone": (0.1, 1.0)})

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cqdino.modeling.selection_loss import SelectionLoss, asymmetric_loss, image_level_targets
+from cqdino.modeling import SelectionLoss, asymmetric_loss, image_level_targets
 
 
 def _asl_scalar(x, y, gamma_neg, gamma_pos, clip, eps=1e-8):
@@ -133,8 +133,10 @@ def test_bad_inputs():
 def test_image_level_targets():
     t = image_level_targets([torch.tensor([2, 0, 2]), torch.tensor([], dtype=torch.long)], 4)
     assert t.tolist() == [[True, False, True, False], [False] * 4]
-    with pytest.raises(ValueError, match="image 1"):
-        image_level_targets([torch.tensor([1]), torch.tensor([4])], 4)
+    # checked with an asynchronous assert (no host sync on GPUs; raises at once on the CPU)
+    for bad in (4, -1):
+        with pytest.raises(RuntimeError, match=r"out of \[0, 4\)"):
+            image_level_targets([torch.tensor([1]), torch.tensor([bad])], 4)
 
 
 def test_half_precision_logits():

@@ -22,7 +22,6 @@ __all__ = [
     "BACKBONE_PRESETS",
     "build_resnet",
     "TimmSwinBackbone",
-    "get_dino_optimizer_params",
     "build_timm_swin_backbone",
     "ConvPaddingZeroer",
 ]
@@ -72,34 +71,6 @@ def build_resnet(
         stages = ResNet.make_default_stages(depth, norm=norm, stride_in_1x1=stride_in_1x1)
     stem = BasicStem(in_channels=3, out_channels=width, norm=norm)
     return ResNet(stem, stages, out_features=list(out_features), freeze_at=freeze_at)
-
-
-def get_dino_optimizer_params(
-    model: nn.Module,
-    base_lr: float,
-    weight_decay: float = 1e-4,
-    weight_decay_norm: float = 0.0,
-    backbone_lr_multiplier: float = 1.0,
-    backbone_prefix: str = "backbone.",
-) -> List[dict]:
-    """detectron2's default parameter groups with the backbone's lr scaled by
-    ``backbone_lr_multiplier`` (1.0 from scratch, 0.01 in the pretrained recipe). Use as
-    ``optimizer.params = L(get_dino_optimizer_params)(base_lr=..., backbone_lr_multiplier=...)``
-    (detectron2's ``lazyconfig_train_net`` fills ``model``)."""
-    from detectron2.solver.build import get_default_optimizer_params, reduce_param_groups
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = get_default_optimizer_params(
-        model, base_lr=base_lr, weight_decay=weight_decay, weight_decay_norm=weight_decay_norm
-    )
-    out = []
-    for g in groups:  # one group per parameter in detectron2 0.6
-        for p in g["params"]:
-            lr = g["lr"]
-            if names[id(p)].startswith(backbone_prefix):
-                lr = lr * backbone_lr_multiplier
-            out.append(dict(g, params=[p], lr=lr))
-    return reduce_param_groups(out)
 
 
 _SWIN_VARIANTS = {

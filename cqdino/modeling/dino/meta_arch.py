@@ -1,10 +1,11 @@
 """DINO as a detectron2 meta-architecture, with the classification head as a swappable module
-(:mod:`cqdino.modeling.heads`) so CQ-DINO subclasses it and replaces only what differs."""
+(:mod:`cqdino.modeling.dino.heads`) so CQ-DINO subclasses it and replaces only what differs."""
 
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
@@ -53,6 +54,7 @@ class DINO(nn.Module):
         criterion: SetCriterion,
         pixel_mean: Tuple[float, float, float],
         pixel_std: Tuple[float, float, float],
+        input_format: str = "BGR",
         # Denoising:
         dn_number: int = 100,
         label_noise_ratio: float = 0.5,
@@ -70,7 +72,9 @@ class DINO(nn.Module):
             transformer: :class:`DINOTransformer`.
             class_head: :class:`ClassHead` (``LinearClassHead(num_classes)`` for DINO).
             criterion: :class:`SetCriterion`.
-            pixel_mean, pixel_std: input normalisation (channel order of the inputs).
+            pixel_mean, pixel_std: input normalisation, in the channel order of the inputs.
+            input_format: channel order of the input images and of ``pixel_mean``/``pixel_std``,
+                "BGR" (detectron2's default) or "RGB"; the dataset mapper must produce it.
             dn_number: DN query budget per image (0 disables DN); label_noise_ratio,
                 box_noise_scale: CDN noise (see :class:`CDNGenerator`). The DN label table
                 is sized by ``class_head.num_dn_labels``.
@@ -78,11 +82,15 @@ class DINO(nn.Module):
                 pairs).
             size_divisibility: pad images to a multiple of this (at least the backbone's).
             zero_backbone_padding: zero the padded region after every conv of the backbone
-                (:class:`~cqdino.modeling.backbone.ConvPaddingZeroer`), so with the masked
+                (:class:`~cqdino.modeling.dino.backbone.ConvPaddingZeroer`), so with the masked
                 neck and transformer an image's detections do not depend on the batch it is in
                 (exact for CNN backbones in inference).
         """
         super().__init__()
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f'input_format must be "RGB" or "BGR", got {input_format!r}')
+        _check_neck_inputs(backbone, neck)
+        self.input_format = input_format
         self.backbone = backbone
         self.neck = neck
         self.position_embedding = position_embedding
@@ -160,6 +168,7 @@ class DINO(nn.Module):
             ),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
             "dn_number": d.DN_NUMBER,
             "label_noise_ratio": d.LABEL_NOISE_RATIO,
             "box_noise_scale": d.BOX_NOISE_SCALE,
@@ -172,11 +181,22 @@ class DINO(nn.Module):
         return self.pixel_mean.device
 
     def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
-        """Normalise, then pad with zeros and batch (padding is masked downstream)."""
+        """Normalise, then pad with zeros (bottom/right, to a multiple of
+        ``size_divisibility``) and batch; padding is masked downstream. Sizes are taken from
+        the Python shapes (detectron2's ``ImageList.from_tensors`` reads them back from
+        tensors)."""
         images = [
             (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
         ]
-        return ImageList.from_tensors(images, self.size_divisibility)
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        H, W = max(h for h, _ in sizes), max(w for _, w in sizes)
+        d = self.size_divisibility
+        if d > 1:
+            H, W = -(-H // d) * d, -(-W // d) * d
+        batched = images[0].new_zeros(len(images), images[0].shape[0], H, W)
+        for im, out in zip(images, batched):
+            out[:, : im.shape[-2], : im.shape[-1]].copy_(im)
+        return ImageList(batched, sizes)
 
     def prepare_targets(self, gt_instances: List[Instances]) -> List[Dict[str, Tensor]]:
         """Instances -> ``{"classes": [G] dataset classes, "boxes": [G, 4]}`` with boxes as
@@ -184,8 +204,9 @@ class DINO(nn.Module):
         targets = []
         for inst in gt_instances:
             h, w = inst.image_size
-            scale = torch.tensor([w, h, w, h], dtype=torch.float, device=self.device)
-            boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor.to(self.device).float() / scale)
+            x0, y0, x1, y1 = inst.gt_boxes.tensor.to(self.device).float().unbind(-1)
+            # Python scalars: no host-to-device copy of a scale tensor (a sync on accelerators)
+            boxes = box_xyxy_to_cxcywh(torch.stack([x0 / w, y0 / h, x1 / w, y1 / h], -1))
             targets.append({"classes": inst.gt_classes.to(self.device), "boxes": boxes})
         return targets
 
@@ -199,6 +220,30 @@ class DINO(nn.Module):
         gt_classes = [t["classes"] for t in targets] if targets is not None else None
         return self.class_head.prepare(features, images.image_sizes, gt_classes)
 
+    def extract_features(
+        self, batched_inputs: List[Dict[str, Tensor]]
+    ) -> Tuple[ImageList, Optional[List[Dict[str, Tensor]]], Dict[str, Tensor], ClassHeadState]:
+        """The part of the forward shared by DINO and CQ-DINO's stage 1: padded images, targets
+        (training only), backbone features and the class-head state.
+
+        A backbone without trainable parameters runs without autograd (no activations kept).
+        """
+        images = self.preprocess_image(batched_inputs)
+        targets = None
+        if self.training:
+            if any("instances" not in x for x in batched_inputs):
+                raise ValueError(
+                    f"{type(self).__name__} training needs 'instances' in every input dict"
+                )
+            targets = self.prepare_targets([x["instances"] for x in batched_inputs])
+        if self._padding_zeroer is not None:
+            self._padding_zeroer.set(images.image_sizes, tuple(images.tensor.shape[-2:]))
+        grad = any(p.requires_grad for p in self.backbone.parameters())
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            features = self.backbone(images.tensor)
+        state = self.prepare_class_state(features, images, targets)
+        return images, targets, features, state
+
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         """
         Args:
@@ -210,17 +255,7 @@ class DINO(nn.Module):
             inference: ``[{"instances": Instances}]`` with ``pred_boxes``, ``scores``,
             ``pred_classes`` (at most ``select_box_nums_for_evaluation`` per image).
         """
-        images = self.preprocess_image(batched_inputs)
-        targets = None
-        if self.training:
-            if any("instances" not in x for x in batched_inputs):
-                raise ValueError("DINO training needs 'instances' in every input dict")
-            targets = self.prepare_targets([x["instances"] for x in batched_inputs])
-
-        if self._padding_zeroer is not None:
-            self._padding_zeroer.set(images.image_sizes, tuple(images.tensor.shape[-2:]))
-        features = self.backbone(images.tensor)
-        state = self.prepare_class_state(features, images, targets)
+        images, targets, features, state = self.extract_features(batched_inputs)
         maps, masks = self.neck(features, images.image_sizes)
         pos = [self.position_embedding(m).to(maps[0].dtype) for m in masks]
 
@@ -256,8 +291,7 @@ class DINO(nn.Module):
                 {"pred_logits": lg[:, :num_dn], "pred_boxes": bx[:, :num_dn]}
                 for lg, bx in zip(logits, boxes)
             ]
-        valid = self.class_head.valid_columns(state)
-        losses = self.criterion(outputs, targets, dn_meta, valid)
+        losses = self.criterion(outputs, targets, dn_meta)
         if self.dn_generator is not None and dn_meta is None:
             losses.update(self._zero_dn_losses(len(layers)))
         losses.update(state.losses)
@@ -305,3 +339,27 @@ class DINO(nn.Module):
             width = batched_inputs[b].get("width", w)
             results.append({"instances": detector_postprocess(inst, height, width)})
         return results
+
+
+def _check_neck_inputs(backbone: Backbone, neck: nn.Module) -> None:
+    """The neck's declared input shapes (``neck.input_shapes``, as a LazyConfig writes them)
+    must be the backbone's output shapes; fail here, naming both config keys, rather than at
+    the first forward with a convolution shape error."""
+    declared: Optional[Dict[str, ShapeSpec]] = getattr(neck, "input_shapes", None)
+    if declared is None:
+        return
+    actual = backbone.output_shape()
+    for name, spec in declared.items():
+        if name not in actual:
+            raise ValueError(
+                f"model.neck.in_features reads {name!r}, which the backbone does not output "
+                f"(model.backbone gives {sorted(actual)}; see its out_features)"
+            )
+        for field in ("channels", "stride"):
+            want, got = getattr(spec, field), getattr(actual[name], field)
+            if want is not None and got is not None and want != got:
+                raise ValueError(
+                    f"model.neck.input_shapes.{name}.{field}={want} does not match the backbone: "
+                    f"model.backbone outputs {name} with {field}={got} "
+                    f"({type(backbone).__name__}.output_shape()); make the two agree"
+                )

@@ -26,15 +26,20 @@ def image_level_targets(gt_classes: Sequence[Tensor], num_categories: int) -> Te
     if len(gt_classes) == 0:
         raise ValueError("gt_classes is empty (need one tensor per image)")
     device = gt_classes[0].device
+    cls = torch.cat([c.reshape(-1).long().to(device) for c in gt_classes])
+    img = torch.cat(
+        [
+            torch.full((c.numel(),), i, dtype=torch.long, device=device)
+            for i, c in enumerate(gt_classes)
+        ]
+    )
+    # asynchronous on accelerators (no host sync per step); raises at once on the CPU
+    torch._assert_async(
+        ((cls >= 0) & (cls < num_categories)).all(),
+        f"image_level_targets: a ground-truth class index is out of [0, {num_categories})",
+    )
     out = torch.zeros(len(gt_classes), num_categories, dtype=torch.bool, device=device)
-    for i, cls in enumerate(gt_classes):
-        cls = cls.long().reshape(-1)
-        if cls.numel() and (cls.min() < 0 or cls.max() >= num_categories):
-            raise ValueError(
-                f"image {i}: class index out of [0, {num_categories}): "
-                f"min {int(cls.min())}, max {int(cls.max())}"
-            )
-        out[i, cls] = True
+    out[img, cls.clamp(0, num_categories - 1)] = True
     return out
 
 

@@ -14,14 +14,14 @@ Vocabulary used below:
   categories (``N_col = K``, column k means "the k-th selected category of this image").
 * **state**: a :class:`ClassHeadState` computed once per batch by :meth:`ClassHead.prepare`,
   *before* the encoder, and passed to every call below. Encoder/decoder hook modules may
-  replace its ``embeddings`` (see :mod:`cqdino.modeling.transformer`).
+  replace its ``embeddings`` (see :mod:`cqdino.modeling.dino.transformer`).
 
 How a GT box becomes a target (:meth:`ClassHead.map_targets`): its dataset class is mapped to
 a logit column, or to ``-1`` when the head has no column for it (CQ-DINO: the category was not
 selected for this image). A ``-1`` GT still takes part in Hungarian matching with class cost 0
 (box costs only) and in the box losses, but its focal-loss target row is all zero.
 
-Who calls what (one training step of :class:`~cqdino.modeling.meta_arch.DINO`)::
+Who calls what (one training step of :class:`~cqdino.modeling.dino.meta_arch.DINO`)::
 
     state  = meta_arch.prepare_class_state(...)  # -> head.prepare(backbone feats, sizes, gt)
     labels = head.map_targets(gt_classes, state)          # matcher + criterion targets
@@ -29,19 +29,19 @@ Who calls what (one training step of :class:`~cqdino.modeling.meta_arch.DINO`)::
     memory, state = encoder(..., state)                   # fusion hooks may update state
     enc_logits = head(proposal_feats, state, None)        # two-stage top-k by max over columns
     logits_i   = head(decoder_out_i, state, i)            # every layer, DN queries included
-    losses = criterion(..., valid_columns=head.valid_columns(state)) + state.losses
+    losses = criterion(...) + state.losses
     # inference: classes = head.columns_to_classes(top-k columns, state)
 
 Writing the CQ-DINO head (checklist): ``prepare`` runs the category selector and returns
-``ClassHeadState(indices=[B, K], embeddings=T [B, K, 256], valid=[B, K],
-losses={"loss_select": ...})``; ``forward`` returns
-``cqdino.layers.contrastive_logits(hidden, state.embeddings, bias, state.valid)`` (``-inf`` at
-invalid columns); ``map_targets`` maps each GT class to its position in ``state.indices[b]``
+``ClassHeadState(indices=[B, K], embeddings=T [B, K, 256], losses={"loss_select": ...})``;
+``forward`` returns ``cqdino.layers.contrastive_logits(hidden, state.embeddings, bias)``;
+``map_targets`` maps each GT class to its position in ``state.indices[b]``
 or ``-1``; set ``num_dn_labels = K + 1``, ``unselected_dn_label = K``, ``num_noise_labels = K``;
 ``columns_to_classes`` already gathers from ``state.indices``. The CQ-DINO meta-architecture
-passes ``fusion_layers`` to :class:`~cqdino.modeling.transformer.DeformableEncoder` and
-``category_attn`` to :class:`~cqdino.modeling.transformer.DeformableDecoder`; nothing else
-changes. ``tests/modeling/test_meta_arch.py::SelectHead`` is a working miniature.
+passes ``fusion_layers`` to :class:`~cqdino.modeling.dino.transformer.DeformableEncoder` and
+``category_attn`` to :class:`~cqdino.modeling.dino.transformer.DeformableDecoder`; nothing else
+changes. Every image has the same number of columns (no padded columns).
+``tests/modeling/test_meta_arch.py::SelectHead`` is a working miniature.
 """
 
 from dataclasses import dataclass, field
@@ -62,15 +62,12 @@ class ClassHeadState:
             selected categories).
         embeddings: ``[B, K, D]`` category tokens ``T``; encoder fusion hooks update them
             (return a new state with :func:`dataclasses.replace`).
-        valid: ``[B, K]`` bool, False at padded columns (their logits are ``-inf``; the criterion
-            ignores them).
         losses: extra weighted losses of the head (CQ-DINO: the selection loss), merged into the
             meta-architecture's loss dict in training.
     """
 
     indices: Optional[Tensor] = None
     embeddings: Optional[Tensor] = None
-    valid: Optional[Tensor] = None
     losses: Dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -81,7 +78,7 @@ class ClassHead(nn.Module):
 
     Attributes:
         num_dn_labels (int): rows of the DN label-embedding table
-            (:class:`~cqdino.modeling.denoising.CDNGenerator` owns the table).
+            (:class:`~cqdino.modeling.dino.denoising.CDNGenerator` owns the table).
         num_noise_labels (int): DN label noise draws uniformly from ``[0, num_noise_labels)``.
         unselected_dn_label (Optional[int]): DN label used for GTs mapped to ``-1``
             (CQ-DINO: K, the "not selected" row); ``None`` when targets can never be ``-1``.
@@ -117,13 +114,9 @@ class ClassHead(nn.Module):
             layer: decoder layer index ``0..L-1``, or ``None`` for the encoder proposals.
 
         Returns:
-            ``[B, Q, N_col]`` logits; padded columns (``state.valid`` False) are ``-inf``.
+            ``[B, Q, N_col]`` logits.
         """
         raise NotImplementedError
-
-    def valid_columns(self, state: ClassHeadState) -> Optional[Tensor]:
-        """``[B, N_col]`` bool of real columns, or None when all are real."""
-        return state.valid
 
     def map_targets(self, gt_classes: List[Tensor], state: ClassHeadState) -> List[Tensor]:
         """Dataset classes ``[G_i]`` -> logit columns ``[G_i]`` int64, ``-1`` = no column."""

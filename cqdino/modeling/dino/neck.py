@@ -66,7 +66,8 @@ class _ConvGN(nn.Module):
 class ChannelMapper(nn.Module):
     """
     Args:
-        input_shapes: backbone output name -> ShapeSpec (channels, stride), in increasing stride.
+        input_shapes: backbone output name -> ShapeSpec (channels, stride), in increasing stride;
+            must be the backbone's ``output_shape()`` (checked when the model is built).
         in_features: names to use, in order.
         out_channels: width of every output level.
         num_extra_levels: stride-2 3x3 conv levels added after the last input (DINO: 1).
@@ -85,6 +86,14 @@ class ChannelMapper(nn.Module):
     ):
         super().__init__()
         self.in_features = list(in_features)
+        missing = [f for f in self.in_features if f not in input_shapes]
+        if missing:
+            raise ValueError(
+                f"ChannelMapper: in_features {missing} have no entry in input_shapes "
+                f"({sorted(input_shapes)})"
+            )
+        # the declared input shapes; the meta-architecture checks them against the backbone
+        self.input_shapes = {f: input_shapes[f] for f in self.in_features}
         shapes = [input_shapes[f] for f in self.in_features]
         self.lateral = nn.ModuleList(
             _ConvGN(s.channels, out_channels, 1, 1, num_groups) for s in shapes

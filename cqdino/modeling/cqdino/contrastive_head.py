@@ -1,12 +1,12 @@
 """CQ-DINO's classification head: image-guided top-K category selection + contrastive logits.
 
-Relative to DINO's :class:`~cqdino.modeling.heads.LinearClassHead` (``Linear(256, C)`` over all
+Relative to DINO's :class:`~cqdino.modeling.dino.heads.LinearClassHead` (``Linear(256, C)`` over all
 C classes) the logit columns are the K categories selected for each image::
 
     prepare():  E [C, 768] -> CategoryQueries -> CategorySelector(last backbone stage)
                 -> scores s [B, C] (selection loss), top-K indices [B, K],
                    tokens T [B, K, 256]
-    forward():  logit(q, k) = <o_q, T_k> / sqrt(256) + b_layer    (padded slots -> -inf)
+    forward():  logit(q, k) = <o_q, T_k> / sqrt(256) + b_layer
 
 A GT box's class target is its category's position among the image's K selected categories,
 or ``-1`` (all-zero focal target, class cost 0 in the matcher) when it was not selected; the
@@ -22,15 +22,12 @@ from torch import Tensor, nn
 
 from cqdino.layers.topk_gather import contrastive_logits
 
-from .category_queries import (
-    CategoryQueries,
-    CategorySelector,
-    CategorySelfAttention,
-    TreeAggregation,
-)
-from .heads import ClassHead, ClassHeadState
-from .neck import level_masks
+from ..dino.heads import ClassHead, ClassHeadState
+from ..dino.neck import level_masks
+from .category_queries import CategoryQueries, CategorySelfAttention
 from .selection_loss import SelectionLoss, image_level_targets
+from .selector import CategorySelector
+from .tree_aggregation import TreeAggregation
 
 __all__ = [
     "ContrastiveClassHead",
@@ -48,9 +45,8 @@ class ContrastiveClassHead(ClassHead):
     authors' head clones its contrastive branch per layer (each clone with its own bias), like
     DINO's unshared linear heads; it costs ``L + 1`` parameters.
 
-    ``K = min(num_topk, C)`` is fixed at construction: every image gets exactly K real columns,
-    so :meth:`prepare` leaves ``state.valid`` as None (no padding). :meth:`forward` still masks
-    padded slots when a state carries a ``valid`` mask (a subclass or hook may pad).
+    ``K = min(num_topk, C)`` is fixed at construction: every image gets exactly K real columns
+    (no padded slots).
     """
 
     def __init__(
@@ -125,7 +121,7 @@ class ContrastiveClassHead(ClassHead):
         """Select each image's top-K categories.
 
         Returns a state with ``indices [B, K]`` (dataset classes, best first), ``embeddings
-        [B, K, D]`` (tokens ``T``), ``valid`` None, and in training (``gt_classes`` given)
+        [B, K, D]`` (tokens ``T``), and in training (``gt_classes`` given)
         ``losses = {"loss_select": ...}``.
         """
         if self.in_feature not in features:
@@ -148,22 +144,19 @@ class ContrastiveClassHead(ClassHead):
         return ClassHeadState(indices=out.indices, embeddings=out.tokens, losses=losses)
 
     def forward(self, hidden: Tensor, state: ClassHeadState, layer: Optional[int]) -> Tensor:
-        """``hidden [B, Q, D]`` -> ``[B, Q, K]`` contrastive logits (padded slots ``-inf``)."""
+        """``hidden [B, Q, D]`` -> ``[B, Q, K]`` contrastive logits."""
         bias = self.bias[len(self.bias) - 1 if layer is None else layer]
-        return contrastive_logits(hidden, state.embeddings, bias, state.valid)
+        return contrastive_logits(hidden, state.embeddings, bias)
 
     def map_targets(self, gt_classes: List[Tensor], state: ClassHeadState) -> List[Tensor]:
         """Dataset classes -> position among the image's selected categories, ``-1`` if the
-        category was not selected (or only sits in a padded slot). One ``[B, C]`` lookup table
-        built by a scatter: no loop over categories, no device-to-host sync."""
-        indices = state.indices  # (B, K)
+        category was not selected. One ``[B, C]`` lookup table built by a scatter: no loop over
+        categories, no device-to-host sync."""
+        indices = state.indices  # (B, K), distinct per image
         B, K = indices.shape
         pos = torch.arange(K, device=indices.device).expand(B, K)
-        if state.valid is not None:
-            pos = pos.masked_fill(~state.valid, -1)
         table = indices.new_full((B, self.num_categories), -1)
-        # amax: a padded slot (-1) never overwrites a real slot of the same category
-        table.scatter_reduce_(1, indices, pos, reduce="amax")
+        table.scatter_(1, indices, pos)
         return [table[b, g.to(indices.device).long()] for b, g in enumerate(gt_classes)]
 
 

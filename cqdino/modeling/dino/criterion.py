@@ -6,7 +6,7 @@ clamped to >= 1 (DN losses by that number times the number of DN groups), so an 
 batch without GT gives finite losses (the focal term then pushes every query to background).
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -67,17 +67,15 @@ class SetCriterion(nn.Module):
         pred_boxes: Tensor,
         targets: List[Dict[str, Tensor]],
         indices: List[Tuple[Tensor, Tensor]],
-        num_boxes: float,
-        valid_columns: Optional[Tensor] = None,
+        num_boxes: Union[float, Tensor],
     ) -> Dict[str, Tensor]:
-        """Unweighted losses of one prediction set.
+        """Unweighted losses of one prediction set (no host sync).
 
         Args:
             pred_logits: ``[B, Q, N_col]``; pred_boxes: ``[B, Q, 4]`` normalised cxcywh.
             targets: per image ``{"labels": [G] (-1 = no class target), "boxes": [G, 4]}``.
             indices: per image ``(query_idx, target_idx)``.
             num_boxes: normaliser.
-            valid_columns: optional ``[B, N_col]`` bool; other columns are excluded.
         """
         B, Q, N = pred_logits.shape
         device = pred_logits.device
@@ -88,16 +86,12 @@ class SetCriterion(nn.Module):
         labels = torch.cat([t["labels"][g.to(device)] for t, (_, g) in zip(targets, indices)])
         gt_boxes = torch.cat([t["boxes"][g.to(device)] for t, (_, g) in zip(targets, indices)])
 
+        # one-hot targets; a -1 label (no column) writes 0 into column 0 of its own row (each
+        # matched query appears once), so no boolean-mask indexing (a host sync) is needed
         onehot = torch.zeros(B, Q, N, dtype=pred_logits.dtype, device=device)
-        pos = labels >= 0
-        onehot[batch_idx[pos], query_idx[pos], labels[pos]] = 1
-        logits = pred_logits
-        if valid_columns is not None:
-            keep = valid_columns[:, None, :].expand_as(logits)
-            logits = torch.where(keep, logits, torch.zeros_like(logits))
-        focal = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
-        if valid_columns is not None:
-            focal = focal * keep
+        pos = (labels >= 0).to(pred_logits.dtype)
+        onehot.index_put_((batch_idx, query_idx, labels.clamp(min=0)), pos)
+        focal = sigmoid_focal_loss(pred_logits, onehot, self.focal_alpha, self.focal_gamma)
         losses = {"loss_class": focal.sum() / num_boxes}
 
         src = pred_boxes[batch_idx, query_idx]  # (M, 4)
@@ -111,22 +105,24 @@ class SetCriterion(nn.Module):
     def _weighted(self, losses: Dict[str, Tensor], suffix: str) -> Dict[str, Tensor]:
         return {k + suffix: v * self.weights[k] for k, v in losses.items()}
 
-    def num_boxes(self, targets: List[Dict[str, Tensor]], device: torch.device) -> float:
-        """GT boxes in the batch, averaged over GPUs (sum / world size), clamped to >= 1."""
-        n = torch.as_tensor(
-            [float(sum(len(t["boxes"]) for t in targets))], dtype=torch.float, device=device
-        )
+    def num_boxes(
+        self, targets: List[Dict[str, Tensor]], device: torch.device
+    ) -> Union[float, Tensor]:
+        """GT boxes in the batch, averaged over GPUs (sum / world size), clamped to >= 1: a
+        Python float on one process, a device scalar after the all-reduce (never read back)."""
+        n = float(sum(len(t["boxes"]) for t in targets))
         world = comm.get_world_size()
-        if world > 1:
-            torch.distributed.all_reduce(n)
-        return max(n.item() / world, 1.0)
+        if world == 1:
+            return max(n, 1.0)
+        total = torch.tensor(n, dtype=torch.float, device=device)
+        torch.distributed.all_reduce(total)
+        return (total / world).clamp(min=1.0)
 
     def forward(
         self,
         outputs: Dict,
         targets: List[Dict[str, Tensor]],
         dn_meta: Optional[Dict] = None,
-        valid_columns: Optional[Tensor] = None,
     ) -> Dict[str, Tensor]:
         """
         Args:
@@ -137,28 +133,29 @@ class SetCriterion(nn.Module):
             targets: per image ``{"labels", "boxes"}`` (labels mapped by the class head).
             dn_meta: ``{"num_groups": int, "indices": per image (dn_query_idx, target_idx)}``
                 for the positive DN queries, or None without DN.
-            valid_columns: ``[B, N_col]`` from the class head, or None.
 
         Returns:
             weighted losses ``loss_{class,bbox,giou}`` with suffixes ``""`` (last layer),
             ``_i`` (aux layer i), ``_enc``, ``_dn`` (last layer), ``_dn_i``.
+
+        All prediction sets are matched by one matcher call (one device-to-host transfer per
+        step, the only host sync of the training step).
         """
         device = outputs["pred_logits"].device
         num_boxes = self.num_boxes(targets, device)
+        sets = [(outputs, "")]
+        sets += [(aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        if "enc_outputs" in outputs:
+            sets.append((outputs["enc_outputs"], "_enc"))
+        matches = self.matcher.match_sets(
+            [(out["pred_logits"], out["pred_boxes"]) for out, _ in sets], targets
+        )
         losses = {}
-
-        def add(out, suffix):
-            indices = self.matcher(out["pred_logits"], out["pred_boxes"], targets)
+        for (out, suffix), indices in zip(sets, matches):
             single = self.loss_single(
-                out["pred_logits"], out["pred_boxes"], targets, indices, num_boxes, valid_columns
+                out["pred_logits"], out["pred_boxes"], targets, indices, num_boxes
             )
             losses.update(self._weighted(single, suffix))
-
-        add(outputs, "")
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            add(aux, f"_{i}")
-        if "enc_outputs" in outputs:
-            add(outputs["enc_outputs"], "_enc")
 
         dn_outputs = outputs.get("dn_outputs")
         if dn_outputs is not None and dn_meta is not None:
@@ -166,12 +163,7 @@ class SetCriterion(nn.Module):
             for i, out in enumerate(dn_outputs):
                 suffix = "_dn" if i == len(dn_outputs) - 1 else f"_dn_{i}"
                 single = self.loss_single(
-                    out["pred_logits"],
-                    out["pred_boxes"],
-                    targets,
-                    dn_meta["indices"],
-                    num_dn,
-                    valid_columns,
+                    out["pred_logits"], out["pred_boxes"], targets, dn_meta["indices"], num_dn
                 )
                 losses.update(self._weighted(single, suffix))
         return losses

@@ -8,9 +8,9 @@
   can be computed once and reused over query chunks (the category selector needs that).
 
 Mask conventions (the ones of the surrounding code): ``image_padding_mask`` is True at padded
-image tokens (DETR), ``category_valid_mask`` is True at valid category slots (like the
-``valid`` argument of :func:`cqdino.layers.contrastive_logits`). Masked keys never influence
-any output; a row with no valid key at all receives a zero update instead of NaN.
+image tokens (DETR), ``key_valid`` True at keys that take part. Masked keys never influence
+any output; a row with no valid key at all receives a zero update instead of NaN. Every image
+has exactly K category tokens, so category tokens are never masked.
 """
 
 from typing import Optional, Tuple
@@ -144,11 +144,18 @@ class MultiheadCrossAttention(nn.Module):
 class ImageCategoryFusion(nn.Module):
     """Bi-directional attention between image tokens and category tokens (one encoder step).
 
-    Both directions share one attention-logit matrix ``A = (W_q x_img)(W_k x_cat)^T / sqrt(Dh)``:
-    image tokens read the category values through ``softmax_K(A)``, category tokens read the
-    image values through ``softmax_N(A^T)``. Each side is added back through a learnable
-    layer-scale vector (initialised to ``init_values``) and optional stochastic depth, with a
-    pre-LayerNorm on both inputs. Categories do not attend to each other here.
+    As the authors' bi-attention block: both inputs are LayerNormed first,
+    ``v = LN(image)``, ``l = LN(category)``; both directions share one attention-logit matrix
+    ``A = (W_q v)(W_k l)^T / sqrt(Dh)``: image tokens read the category values through
+    ``softmax_K(A)``, category tokens read the image values through ``softmax_N(A^T)``
+    (padded image tokens masked). The updates go onto the *normed* inputs through a learnable
+    layer-scale vector (initialised to ``init_values``) and optional stochastic depth::
+
+        image    <- LN(image)    + drop_path(gamma_v * dv)
+        category <- LN(category) + drop_path(gamma_l * dl)
+
+    so the category tokens pass through a LayerNorm in every encoder layer. Categories do not
+    attend to each other here.
     """
 
     def __init__(
@@ -208,14 +215,12 @@ class ImageCategoryFusion(nn.Module):
         image: Tensor,
         category: Tensor,
         image_padding_mask: Optional[Tensor] = None,
-        category_valid_mask: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         """
         Args:
             image: ``[B, N, image_dim]`` flattened multi-scale image tokens.
             category: ``[B, K, category_dim]`` selected category tokens.
             image_padding_mask: optional ``[B, N]`` bool, True at padded image tokens.
-            category_valid_mask: optional ``[B, K]`` bool, True at valid category slots.
 
         Returns:
             updated ``image [B, N, image_dim]`` and ``category [B, K, category_dim]``.
@@ -225,7 +230,6 @@ class ImageCategoryFusion(nn.Module):
         if category.shape[0] != B:
             raise ValueError(f"image batch {B} != category batch {category.shape[0]}")
         _check_mask(image_padding_mask, "image_padding_mask", (B, N))
-        _check_mask(category_valid_mask, "category_valid_mask", (B, K))
         x_img = self.image_norm(image)
         x_cat = self.category_norm(category)
         q = self._heads(self.image_query(x_img)) * self.head_dim**-0.5
@@ -233,10 +237,9 @@ class ImageCategoryFusion(nn.Module):
         logits = torch.matmul(q, k.transpose(-1, -2))  # (B, h, N, K)
         logits = logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP)
 
-        cat_keep = None if category_valid_mask is None else category_valid_mask[:, None, None, :]
         img_keep = None if image_padding_mask is None else ~image_padding_mask[:, None, None, :]
         p = self.dropout if self.training else 0.0
-        attn_img = F.dropout(masked_softmax(logits, cat_keep), p, self.training)  # (B,h,N,K)
+        attn_img = F.dropout(logits.softmax(-1), p, self.training)  # (B, h, N, K)
         attn_cat = F.dropout(
             masked_softmax(logits.transpose(-1, -2), img_keep), p, self.training
         )  # (B, h, K, N)
@@ -246,16 +249,15 @@ class ImageCategoryFusion(nn.Module):
         d_cat = torch.matmul(attn_cat, v_img).transpose(1, 2).reshape(B, K, -1)
         d_img = self.image_gamma * self.image_out(d_img)
         d_cat = self.category_gamma * self.category_out(d_cat)
-        image = image + _drop_path(d_img, self.drop_path, self.training)
-        category = category + _drop_path(d_cat, self.drop_path, self.training)
+        image = x_img + _drop_path(d_img, self.drop_path, self.training)
+        category = x_cat + _drop_path(d_cat, self.drop_path, self.training)
         return image, category
 
 
 class CategoryCrossAttention(nn.Module):
     """Decoder sublayer: object queries attend to the category tokens (residual + LayerNorm).
 
-    ``out = LayerNorm(query + Dropout(MHA(query + query_pos, categories, categories)))``,
-    with invalid (padded) category slots masked out of the keys.
+    ``out = LayerNorm(query + Dropout(MHA(query + query_pos, categories, categories)))``.
     """
 
     def __init__(self, d_model: int = 256, num_heads: int = 8, dropout: float = 0.0):
@@ -274,14 +276,12 @@ class CategoryCrossAttention(nn.Module):
         self,
         query: Tensor,
         category: Tensor,
-        category_valid_mask: Optional[Tensor] = None,
         query_pos: Optional[Tensor] = None,
     ) -> Tensor:
         """
         Args:
             query: ``[B, Q, D]`` object queries (content part).
             category: ``[B, K, D]`` category tokens.
-            category_valid_mask: optional ``[B, K]`` bool, True at valid category slots.
             query_pos: optional ``[B, Q, D]`` positional embedding added to the attention query.
 
         Returns:
@@ -290,5 +290,5 @@ class CategoryCrossAttention(nn.Module):
         if category.shape[0] != query.shape[0]:
             raise ValueError(f"query batch {query.shape[0]} != category batch {category.shape[0]}")
         q = query if query_pos is None else query + query_pos
-        out = self.attn(q, category, key_valid=category_valid_mask)
+        out = self.attn(q, category)
         return self.norm(query + self.dropout(out))

@@ -2,7 +2,7 @@
 query selection, and a decoder with iterative box refinement and look-forward-twice.
 
 Relative to Deformable-DETR/DINO it adds two optional hook points, ``None`` for DINO, that
-CQ-DINO fills (see :mod:`cqdino.modeling.heads` for the state they read and write):
+CQ-DINO fills (see :mod:`cqdino.modeling.dino.heads` for the state they read and write):
 
 * encoder ``fusion_layers[i]`` runs before encoder layer i::
 
@@ -67,6 +67,22 @@ class _FFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.dropout(self.fc2(self.dropout(F.relu(self.fc1(x)))))
+
+
+def level_centres(shapes: List[Tuple[int, int]], valid_ratios: Tensor) -> List[Tensor]:
+    """Per level ``[B, H*W, 2]`` (x, y) pixel centres normalised to each image's valid region
+    (``valid_ratios [B, L, 2]``, (w, h)); ``shapes`` are Python ints (no host sync)."""
+    out = []
+    for lvl, (H, W) in enumerate(shapes):
+        y, x = torch.meshgrid(
+            torch.arange(H, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+            torch.arange(W, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+            indexing="ij",
+        )
+        x = x.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * W)
+        y = y.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * H)
+        out.append(torch.stack([x, y], -1))
+    return out
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -151,35 +167,28 @@ class DeformableEncoder(nn.Module):
         self.use_checkpoint = use_checkpoint
 
     @staticmethod
-    def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+    def reference_points(shapes: List[Tuple[int, int]], valid_ratios: Tensor) -> Tensor:
         """Pixel-centre points of every level, normalised to each image's valid region, seen
         from every level: ``[B, S, L, 2]`` (x, y), padded-normalised."""
-        refs = []
-        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
-            y, x = torch.meshgrid(
-                torch.arange(H, dtype=torch.float32, device=valid_ratios.device) + 0.5,
-                torch.arange(W, dtype=torch.float32, device=valid_ratios.device) + 0.5,
-                indexing="ij",
-            )
-            y = y.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * H)
-            x = x.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * W)
-            refs.append(torch.stack([x, y], -1))
-        ref = torch.cat(refs, 1)  # (B, S, 2) valid-normalised
+        ref = torch.cat(level_centres(shapes, valid_ratios), 1)  # (B, S, 2) valid-normalised
         return ref[:, :, None] * valid_ratios[:, None]
 
     def forward(
         self,
         src: Tensor,
         pos: Tensor,
+        shapes: List[Tuple[int, int]],
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         valid_ratios: Tensor,
         padding_mask: Tensor,
         state: ClassHeadState,
     ) -> Tuple[Tensor, ClassHeadState]:
-        """``src``/``pos`` ``[B, S, D]``, ``valid_ratios`` ``[B, L, 2]``, ``padding_mask``
-        ``[B, S]`` -> memory ``[B, S, D]`` and the (possibly updated) state."""
-        ref = self.reference_points(spatial_shapes, valid_ratios)
+        """``src``/``pos`` ``[B, S, D]``, ``shapes`` the per-level ``(H, W)`` (Python ints;
+        ``spatial_shapes`` the same as a device tensor for the deformable attention),
+        ``valid_ratios`` ``[B, L, 2]``, ``padding_mask`` ``[B, S]`` -> memory ``[B, S, D]`` and
+        the (possibly updated) state."""
+        ref = self.reference_points(shapes, valid_ratios)
         ckpt = self.use_checkpoint and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if self.fusion_layers is not None and not isinstance(
@@ -394,22 +403,19 @@ class DINOTransformer(nn.Module):
         return torch.stack([valid_w / W, valid_h / H], -1)
 
     def proposals(
-        self, memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor, valid_ratios: Tensor
+        self,
+        memory: Tensor,
+        padding_mask: Tensor,
+        shapes: List[Tuple[int, int]],
+        valid_ratios: Tensor,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """One proposal per memory position: centre = the pixel centre, size = 0.05 * 2^level,
         valid-normalised. Returns ``(output_memory [B, S, D], proposals [B, S, 4]`` in logit
         space (0 at invalid positions), ``invalid [B, S]`` bool)``."""
         props = []
-        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
-            y, x = torch.meshgrid(
-                torch.arange(H, dtype=torch.float32, device=memory.device) + 0.5,
-                torch.arange(W, dtype=torch.float32, device=memory.device) + 0.5,
-                indexing="ij",
-            )
-            x = x.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * W)
-            y = y.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * H)
-            wh = torch.full_like(x, 0.05 * 2.0**lvl)
-            props.append(torch.stack([x, y, wh, wh], -1))
+        for lvl, xy in enumerate(level_centres(shapes, valid_ratios)):
+            wh = torch.full_like(xy, 0.05 * 2.0**lvl)
+            props.append(torch.cat([xy, wh], -1))
         props = torch.cat(props, 1)
         invalid = padding_mask | ~((props > 0.01) & (props < 0.99)).all(-1)
         props = inverse_sigmoid(props).masked_fill(invalid[..., None], 0.0)
@@ -433,7 +439,7 @@ class DINOTransformer(nn.Module):
                 pos_embeds like features.
             class_head, state: scores the encoder proposals (and passed to the hooks).
             dn_content, dn_ref_logits, dn_attn_mask: from
-                :class:`~cqdino.modeling.denoising.CDNGenerator`, prepended to the queries.
+                :class:`~cqdino.modeling.dino.denoising.CDNGenerator`, prepended to the queries.
 
         Returns:
             ``(hidden [L, B, N_dn + Q, D], boxes [L, B, N_dn + Q, 4], enc_outputs, state)`` with
@@ -442,24 +448,27 @@ class DINOTransformer(nn.Module):
         """
         if len(features) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} feature levels, got {len(features)}")
-        shapes = [f.shape[-2:] for f in features]
+        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
         src = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)  # (B, S, D)
         pos = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[i] for i, p in enumerate(pos_embeds)],
             1,
         )
         mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
-        level_start_index = torch.cat(
-            [spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]]
-        )
+        starts = [0]
+        for h, w in shapes[:-1]:
+            starts.append(starts[-1] + h * w)
+        # level tables for the deformable attention: one small non-blocking copy each (the
+        # Python shapes are what everything else reads)
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long).to(src.device, non_blocking=True)
+        level_start_index = torch.tensor(starts, dtype=torch.long).to(src.device, non_blocking=True)
         valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)  # (B, L, 2)
 
         memory, state = self.encoder(
-            src, pos, spatial_shapes, level_start_index, valid_ratios, mask, state
+            src, pos, shapes, spatial_shapes, level_start_index, valid_ratios, mask, state
         )
 
-        output_memory, props, invalid = self.proposals(memory, mask, spatial_shapes, valid_ratios)
+        output_memory, props, invalid = self.proposals(memory, mask, shapes, valid_ratios)
         enc_logits = class_head(output_memory, state, None)  # (B, S, N_col)
         enc_coords = self.enc_bbox_embed(output_memory) + props  # (B, S, 4) logit space
         scores = enc_logits.max(-1)[0].masked_fill(invalid, float("-inf"))

@@ -1,0 +1,141 @@
+"""The learnable category queries of CQ-DINO: ``LayerNorm(relation(relu(Linear(E))))`` with a
+``[C, 768]`` parameter ``E`` and a relation module (:class:`~.tree_aggregation.TreeAggregation`
+over the category hierarchy, :class:`CategorySelfAttention`, or none).
+
+This module does not import ``cqdino.data``: the hierarchy enters through the relation module.
+"""
+
+import os
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CategorySelfAttention", "CategoryQueries", "load_category_embeddings"]
+
+
+class CategorySelfAttention(nn.Module):
+    """One multi-head self-attention over all C category queries, residual, LayerNorm.
+
+    Quadratic in C: meant for small vocabularies (COCO); use
+    :class:`~.tree_aggregation.TreeAggregation` or no relation module at V3Det scale.
+    """
+
+    def __init__(self, embed_dim: int = 768, num_heads: int = 8, dropout: float = 0.0):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [C, D]`` or ``[B, C, D]`` -> same shape."""
+        squeeze = x.dim() == 2
+        y = x[None] if squeeze else x
+        y = self.norm(y + self.attn(y, y, y, need_weights=False)[0])
+        return y[0] if squeeze else y
+
+
+def load_category_embeddings(
+    source: Union[str, os.PathLike, Tensor], num_categories: int
+) -> Tensor:
+    """Load a ``[C, d]`` float embedding table from a ``.pth``/``.pt`` or ``.npy`` file.
+
+    A ``.pth`` may hold a tensor, or a dict with exactly one tensor (or an ``"embeddings"``
+    entry). Raises ``ValueError`` naming the file on a wrong shape, C mismatch or non-finite
+    values.
+    """
+    name = "given tensor"
+    if isinstance(source, Tensor):
+        table = source
+    else:
+        path = os.fspath(source)
+        name = path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"category embedding file {path} does not exist")
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".npy":
+            import numpy as np
+
+            table = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif ext in (".pth", ".pt"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+                if "embeddings" in tensors:
+                    obj = tensors["embeddings"]
+                elif len(tensors) == 1:
+                    obj = next(iter(tensors.values()))
+                else:
+                    raise ValueError(
+                        f"{path}: expected a tensor or a dict with one tensor (or key "
+                        f"'embeddings'), got keys {sorted(obj)[:10]}"
+                    )
+            if not isinstance(obj, Tensor):
+                raise ValueError(f"{path}: expected a tensor, got {type(obj).__name__}")
+            table = obj
+        else:
+            raise ValueError(f"category embedding file {path}: unsupported extension {ext!r}")
+    if table.dim() != 2 or not (table.is_floating_point()):
+        raise ValueError(
+            f"category embeddings from {name} must be a float [C, d] table, "
+            f"got {table.dtype} {tuple(table.shape)}"
+        )
+    if table.shape[0] != num_categories:
+        raise ValueError(
+            f"category embeddings from {name} have {table.shape[0]} rows but the model has "
+            f"C={num_categories} categories"
+        )
+    if not torch.isfinite(table).all():
+        raise ValueError(f"category embeddings from {name} contain NaN or Inf")
+    return table.detach().float().clone()
+
+
+class CategoryQueries(nn.Module):
+    """The C learnable category queries, refined into ``[C, embed_dim]`` category features.
+
+    ``LayerNorm(relation(relu(Linear(E))))`` with ``E`` a ``[C, d]`` parameter. ``E`` is random
+    (``N(0, 1/d)``, rows of about unit norm like normalised text embeddings) unless
+    ``init_embeddings`` gives a table (e.g. text embeddings of the class names); when its width
+    ``d`` differs from ``embed_dim`` the refining Linear projects ``d -> embed_dim``.
+    """
+
+    def __init__(
+        self,
+        num_categories: int,
+        embed_dim: int = 768,
+        relation: Optional[nn.Module] = None,
+        init_embeddings: Optional[Union[str, os.PathLike, Tensor]] = None,
+    ):
+        """
+        Args:
+            num_categories: C.
+            embed_dim: output width (768 in the recipe).
+            relation: module mapping ``[C, embed_dim]`` to the same shape
+                (:class:`~.tree_aggregation.TreeAggregation`, :class:`CategorySelfAttention`) or
+                None.
+            init_embeddings: optional path of a ``.pth``/``.npy`` ``[C, d]`` table, or a tensor.
+        """
+        super().__init__()
+        if num_categories <= 0:
+            raise ValueError(f"num_categories must be positive, got {num_categories}")
+        self.num_categories = num_categories
+        if init_embeddings is not None:
+            table = load_category_embeddings(init_embeddings, num_categories)
+        else:
+            table = torch.randn(num_categories, embed_dim) * embed_dim**-0.5
+        self.embeddings = nn.Parameter(table)
+        self.proj = nn.Linear(table.shape[1], embed_dim)
+        n = getattr(relation, "num_categories", num_categories)
+        if n != num_categories:
+            raise ValueError(
+                f"relation module built for C={n}, CategoryQueries has C={num_categories}"
+            )
+        self.relation = relation
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self) -> Tensor:
+        """Returns the refined category queries ``[C, embed_dim]``."""
+        x = F.relu(self.proj(self.embeddings))
+        if self.relation is not None:
+            x = self.relation(x)
+        return self.norm(x)
