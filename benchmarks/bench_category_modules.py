@@ -22,7 +22,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from cqdino.modeling.category_queries import CategorySelector, TreeAggregation
+from cqdino.modeling import CategorySelector, TreeAggregation
 
 
 def random_dag(num_categories: int, seed: int = 0) -> List[List[int]]:

@@ -26,6 +26,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from cqdino.data.build import DatasetNotFoundError, check_datasets
@@ -180,6 +181,7 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="cqdino")
     try:
         if args.eval_only:
             return do_eval_only(cfg)

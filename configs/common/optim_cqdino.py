@@ -9,8 +9,7 @@ follows ``configs/common/optim.py``)."""
 import torch
 from detectron2.config import LazyCall as L
 
-from cqdino.modeling import cqdino_recipe_multipliers
-from cqdino.modeling.param_groups import get_cqdino_optimizer_params
+from cqdino.modeling import cqdino_recipe_multipliers, get_cqdino_optimizer_params
 
 AdamW = L(torch.optim.AdamW)(
     params=L(get_cqdino_optimizer_params)(

@@ -136,10 +136,16 @@ def test_ddp_two_cpu_processes_match_one(tiny_datasets, tmp_path):
     assert "World size: 2" in proc.stdout + proc.stderr
     a, b = metrics_by_iter(one), metrics_by_iter(two)
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
-    for i in a:
-        for k in a[i]:
-            if k.startswith("loss_") or k == "total_loss":
-                assert b[i][k] == pytest.approx(a[i][k], rel=2e-4, abs=1e-5), (i, k)
+    # Iteration 0 (same weights): the losses (mean over ranks) and the gradient (averaged by
+    # DDP; its norm before clipping) equal one process up to float32 summation order. Later
+    # iterations drift slightly: AdamW's first steps move near-zero gradients by ~lr whatever
+    # their size, so rounding differences of the all-reduce grow.
+    for i, rel in ((0, 1e-5), (1, 2e-2), (2, 2e-2), (3, 2e-2)):
+        keys = [k for k in a[i] if k.startswith("loss_") or k == "total_loss"]
+        assert "loss_select" in keys and "loss_class" in keys
+        for k in keys:
+            assert b[i][k] == pytest.approx(a[i][k], rel=rel, abs=1e-6), (i, k)
+    assert b[0]["grad_norm"] == pytest.approx(a[0]["grad_norm"], rel=1e-4)
 
 
 def test_eval_only_prints_the_ap_table(reference_run, tiny_datasets, tmp_path):

@@ -21,7 +21,7 @@ dataloader.train = L(build_train_loader)(
         min_sizes=tuple(range(480, 801, 32)),
         max_size=1333,
         flip_prob=0.5,
-        image_format="BGR",
+        image_format="${model.input_format}",
     ),
     total_batch_size=16,
     num_workers=4,
@@ -36,7 +36,7 @@ dataloader.test = L(build_test_loader)(
         num_classes=NUM_CLASSES,
         test_size=800,
         max_size=1333,
-        image_format="BGR",
+        image_format="${model.input_format}",
     ),
     num_workers=4,
 )

@@ -75,6 +75,7 @@ model = L(DINO)(
         loss_bbox_weight=5.0,
         loss_giou_weight=2.0,
     ),
+    input_format="BGR",  # the mappers read it (dataloader.*.mapper.image_format)
     pixel_mean=[103.530, 116.280, 123.675],  # BGR, detectron2's DatasetMapper default
     pixel_std=[57.375, 57.120, 58.395],
     dn_number=100,

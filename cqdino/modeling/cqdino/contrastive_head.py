@@ -26,6 +26,9 @@ from ..dino.heads import ClassHead, ClassHeadState
 from ..dino.neck import level_masks
 from .category_queries import CategoryQueries, CategorySelfAttention
 from .selection_loss import SelectionLoss, image_level_targets
+
+# The recipe's selection loss is a sum over each GPU's batch of 2 images (16 on 8 GPUs).
+SELECTION_LOSS_IMAGES = 2
 from .selector import CategorySelector
 from .tree_aggregation import TreeAggregation
 
@@ -140,7 +143,11 @@ class ContrastiveClassHead(ClassHead):
         losses = {}
         if targets is not None:
             ignore = self.ancestor_mask(targets) if self.ancestor_mask is not None else None
-            losses["loss_select"] = self.selection_loss(out.scores, targets, ignore)
+            # Summed over the images of a GPU batch of SELECTION_LOSS_IMAGES (the authors' 2
+            # per GPU), whatever the per-process batch: sum / B * 2. Mean over DDP ranks then
+            # equals one process with the same total batch.
+            loss = self.selection_loss(out.scores, targets, ignore)
+            losses["loss_select"] = loss * (SELECTION_LOSS_IMAGES / len(image_sizes))
         return ClassHeadState(indices=out.indices, embeddings=out.tokens, losses=losses)
 
     def forward(self, hidden: Tensor, state: ClassHeadState, layer: Optional[int]) -> Tensor:
