@@ -49,5 +49,12 @@ test-fast: install
 test-cuda: install
 	$(BIN)/python -m pytest -m cuda $(PYTEST_ARGS)
 
+# The main job on the embedded default: synthetic data (if absent), CPU training with
+# configs/demo.py through projects/train_net.py, AP table, curves and drawn detections.
+# DEMO_ARGS="--num-gpus 2" or config overrides pass through.
+DEMO_ARGS ?=
+demo: install
+	$(BIN)/python tools/run_demo.py $(DEMO_ARGS)
+
 clean:
 	rm -rf build *.egg-info cqdino/*.so $(VENV)/.ext-stamp

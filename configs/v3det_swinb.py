@@ -5,8 +5,9 @@ with the timm Swin-B backbone (4 levels) of ``common/models/cqdino_swin_b.py``.
 """
 
 from .common.models.cqdino_swin_b import model
-from .v3det import dataloader, lr_multiplier, optimizer, train
+from .v3det import dataloader, lr_multiplier
 from .v3det import model as _v3det_r50
+from .v3det import optimizer, train
 
 model.class_head = _v3det_r50.class_head  # V3Det head settings (tree from the dataset metadata)
 train.output_dir = "./output/v3det_cqdino_swinb"

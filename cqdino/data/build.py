@@ -345,4 +345,3 @@ def build_train_loader(
 def build_test_loader(dataset: Sequence[dict], mapper, num_workers: int = 0):
     """detectron2's test loader (batch 1 per rank, every image once over all ranks)."""
     return build_detection_test_loader(dataset, mapper=mapper, num_workers=num_workers)
-

@@ -122,9 +122,7 @@ class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
 
     def after_step(self):
         it = self.trainer.iter
-        due = (it + 1) % self.period == 0 or (
-            self.max_iter is not None and it >= self.max_iter - 1
-        )
+        due = (it + 1) % self.period == 0 or (self.max_iter is not None and it >= self.max_iter - 1)
         if due and hasattr(self.trainer, "rank_state"):
             # tensors travel as numpy arrays (detectron2 0.6 pickles objects in a way recent
             # torch cannot unpickle tensors from) and are tensors again in the checkpoint

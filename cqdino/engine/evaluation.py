@@ -81,7 +81,9 @@ def format_results(results: Mapping[str, Mapping[str, float]], keys=None) -> str
         if not isinstance(metrics, Mapping):
             continue
         names = keys or [
-            k for k in ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl") if k in metrics
+            k
+            for k in ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl")
+            if k in metrics
         ]
         rows.append([task] + [f"{metrics[k]:.2f}" for k in names])
     if not rows:

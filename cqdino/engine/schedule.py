@@ -13,7 +13,9 @@ class StepWithWarmup(ParamScheduler):
     """LR multiplier at iteration ``i``: ``warmup_factor + (1 - warmup_factor) * i / warmup``
     during the warm-up, then ``gamma ** (number of steps <= i)``."""
 
-    def __init__(self, max_iter: int, steps: Sequence[int], gamma: float, warmup: int, factor: float):
+    def __init__(
+        self, max_iter: int, steps: Sequence[int], gamma: float, warmup: int, factor: float
+    ):
         self.max_iter, self.steps, self.gamma = max_iter, list(steps), gamma
         self.warmup, self.factor = warmup, factor
 

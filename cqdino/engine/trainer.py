@@ -139,9 +139,7 @@ class Trainer(TrainerBase):
             amp = None
         self.amp_dtype = AMP_DTYPES[amp] if amp else None
         self.device_type = device.type
-        self.grad_scaler = (
-            torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
-        )
+        self.grad_scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_norm_type = clip_grad_norm_type
         self.ema = ema
@@ -196,7 +194,12 @@ class Trainer(TrainerBase):
             metrics["grad_norm"] = float(grad_norm)
         all_metrics: List[Dict[str, float]] = comm.all_gather(metrics)
         bad = sorted(
-            {k for m in all_metrics for k, v in m.items() if k != "grad_norm" and not np.isfinite(v)}
+            {
+                k
+                for m in all_metrics
+                for k, v in m.items()
+                if k != "grad_norm" and not np.isfinite(v)
+            }
         )
         if bad:
             values = ", ".join(f"{k}={[m[k] for m in all_metrics]}" for k in bad)

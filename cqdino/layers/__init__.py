@@ -11,12 +11,8 @@ __all__ = [
     "ms_deform_attn",
     "ms_deform_attn_reference",
 ]
-from .topk_gather import (  # noqa: E402
-    contrastive_logits,
-    contrastive_logits_reference,
-    topk_category_gather,
-    topk_category_gather_reference,
-)
+from .contrastive_logits import contrastive_logits, contrastive_logits_reference  # noqa: E402
+from .topk_gather import topk_category_gather, topk_category_gather_reference  # noqa: E402
 
 __all__ += [
     "contrastive_logits",

@@ -1,9 +1,8 @@
-"""Top-K category selection with gather, and batched contrastive logits.
+"""Top-K category selection with gather.
 
 :func:`topk_category_gather` runs the fused ``torch.ops.cqdino.topk_category_gather`` kernel
 (CPU and CUDA, one launch on CUDA, no host sync) and falls back to its pure-PyTorch reference
-when the compiled extension is unavailable. :func:`contrastive_logits` is one batched GEMM with
-the scale and bias fused (``baddbmm``) plus an in-place mask.
+when the compiled extension is unavailable.
 """
 
 import math
@@ -17,8 +16,6 @@ from cqdino import _ext
 __all__ = [
     "topk_category_gather",
     "topk_category_gather_reference",
-    "contrastive_logits",
-    "contrastive_logits_reference",
 ]
 
 
@@ -124,79 +121,6 @@ def topk_category_gather(
     if not _ext.use_ext("topk_category_gather", scores.device.type):
         return topk_category_gather_reference(scores, embeddings, k, force, check_finite=False)
     return torch.ops.cqdino.topk_category_gather(scores.detach(), embeddings, k, force)
-
-
-def contrastive_logits_reference(
-    queries: Tensor, categories: Tensor, bias: Tensor, valid: Optional[Tensor] = None
-) -> Tensor:
-    """Pure-PyTorch contrastive logits (see :func:`contrastive_logits`)."""
-    D = queries.shape[-1]
-    logits = torch.matmul(
-        queries,
-        (
-            categories.transpose(-1, -2).unsqueeze(0)
-            if queries.dim() == 4
-            else categories.transpose(-1, -2)
-        ),
-    )
-    logits = logits / math.sqrt(D) + bias
-    if valid is not None:
-        logits = logits.masked_fill(~valid[:, None, :], -math.inf)
-    return logits
-
-
-def contrastive_logits(
-    queries: Tensor, categories: Tensor, bias: Tensor, valid: Optional[Tensor] = None
-) -> Tensor:
-    """Contrastive classification logits ``q · c / sqrt(D) + bias``.
-
-    Args:
-        queries: ``[B, Q, D]`` or ``[N, B, Q, D]`` (N decoder layers at once).
-        categories: ``[B, K, D]`` selected category embeddings.
-        bias: scalar tensor.
-        valid: optional ``[B, K]`` bool; invalid (padded) slots get ``-inf``.
-
-    Returns:
-        ``[B, Q, K]`` or ``[N, B, Q, K]``; differentiable in queries, categories and bias.
-    """
-    _check_logits_inputs(queries, categories, bias, valid)
-    D = queries.shape[-1]
-    B, K = categories.shape[:2]
-    if queries.dim() == 4:
-        N = queries.shape[0]
-        q = queries.reshape(N * B, queries.shape[2], D)
-        c = categories.unsqueeze(0).expand(N, B, K, D).reshape(N * B, K, D)
-    else:
-        q, c = queries, categories
-    out = torch.baddbmm(bias.reshape(1, 1, 1), q, c.transpose(1, 2), alpha=1.0 / math.sqrt(D))
-    out = out.view(*queries.shape[:-1], K)
-    if valid is not None:
-        out = out.masked_fill_(~valid[:, None, :], -math.inf)
-    return out
-
-
-def _check_logits_inputs(
-    queries: Tensor, categories: Tensor, bias: Tensor, valid: Optional[Tensor]
-) -> None:
-    if queries.dim() not in (3, 4):
-        raise ValueError(f"queries must be [B, Q, D] or [N, B, Q, D], got {tuple(queries.shape)}")
-    if categories.dim() != 3:
-        raise ValueError(f"categories must be [B, K, D], got {tuple(categories.shape)}")
-    B, K, D = categories.shape
-    qB, qD = queries.shape[-3], queries.shape[-1]
-    if qB != B or qD != D:
-        raise ValueError(
-            f"queries {tuple(queries.shape)} do not match categories [B, K, D] = [{B}, {K}, {D}]"
-        )
-    if not isinstance(bias, Tensor) or bias.numel() != 1:
-        raise ValueError(f"bias must be a one-element (scalar) tensor, got {bias!r}")
-    if valid is not None and (valid.dtype != torch.bool or valid.shape != (B, K)):
-        raise ValueError(
-            f"valid must be a bool [B, K] = [{B}, {K}] mask, got {valid.dtype} {tuple(valid.shape)}"
-        )
-    for name, t in (("categories", categories), ("bias", bias), ("valid", valid)):
-        if t is not None and t.device != queries.device:
-            raise ValueError(f"{name} is on {t.device} but queries on {queries.device}")
 
 
 if _ext.has_ext():

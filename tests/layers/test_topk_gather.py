@@ -331,23 +331,19 @@ def test_op_checks_inputs_itself():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layers", [None, 3])
-@pytest.mark.parametrize("with_valid", [False, True])
-def test_logits_match_reference(device, layers, with_valid, rng_seed):
+def test_logits_match_reference(device, layers, rng_seed):
     B, Q, K, D = 2, 7, 5, 16
     qshape = (B, Q, D) if layers is None else (layers, B, Q, D)
     q = torch.randn(qshape, dtype=torch.float64, device=device, requires_grad=True)
     c = torch.randn(B, K, D, dtype=torch.float64, device=device, requires_grad=True)
     bias = torch.tensor(-4.595, dtype=torch.float64, device=device, requires_grad=True)
-    valid = torch.rand(B, K, device=device) < 0.6 if with_valid else None
-    ours = contrastive_logits(q, c, bias, valid)
-    ref = contrastive_logits_reference(q, c, bias, valid)
+    ours = contrastive_logits(q, c, bias)
+    ref = contrastive_logits_reference(q, c, bias)
     assert ours.shape == qshape[:-1] + (K,)
     torch.testing.assert_close(ours, ref, msg=f"seed {rng_seed}")
     # independent check of the formula on one entry
     n = (0,) if layers is not None else ()
     expect = (q[n + (1, 2)] @ c[1, 3]) / math.sqrt(D) + bias
-    if valid is not None and not valid[1, 3]:
-        expect = torch.tensor(-math.inf, dtype=torch.float64)
     torch.testing.assert_close(ours[n + (1, 2, 3)].cpu(), expect.detach().cpu())
     g = torch.randn_like(ref)
     got = torch.autograd.grad(ours, (q, c, bias), g)
@@ -374,10 +370,8 @@ def test_logits_bad_inputs():
         contrastive_logits(torch.randn(3, 3, 4), c, b)
     with pytest.raises(ValueError, match="bias"):
         contrastive_logits(q, c, torch.zeros(2))
-    with pytest.raises(ValueError, match="valid"):
-        contrastive_logits(q, c, b, torch.ones(2, 5))
-    with pytest.raises(ValueError, match="valid"):
-        contrastive_logits(q, c, b, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError):  # no padding mask: every image has exactly K slots
+        contrastive_logits(q, c, b, torch.ones(2, 5, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------- CUDA only
@@ -393,12 +387,11 @@ def test_cuda_no_host_sync(shared):
     emb = torch.randn((C, D) if shared else (B, C, D), device="cuda", requires_grad=True)
     q = torch.randn(7, B, 900, D, device="cuda", requires_grad=True)
     bias = torch.zeros((), device="cuda", requires_grad=True)
-    valid = torch.ones(B, k, dtype=torch.bool, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         idx, gathered = topk_category_gather(scores, emb, k, force=force)
-        logits = contrastive_logits(q, gathered, bias, valid)
+        logits = contrastive_logits(q, gathered, bias)
         logits.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -2,7 +2,9 @@
 the DINO-4scale R50 model (``dino_r50.py``) with the contrastive category head, the encoder
 image<->category fusion and the decoder category cross-attention. From-scratch backbone preset.
 
-Needs the V3Det category tree (``class_head.tree_file``; not shipped). COCO recipe::
+Needs the V3Det category tree (``class_head.tree_file``, by default the one registered with
+``v3det_train`` under ``$DETECTRON2_DATASETS/V3Det/annotations``; not shipped). COCO recipe
+(``configs/coco.py``)::
 
     model.class_head.num_categories = 80
     model.class_head.topk = 30
@@ -21,6 +23,7 @@ decay x 10: ``multipliers=L(cqdino_recipe_multipliers)(pretrained=True)`` in
 
 from detectron2.config import LazyCall as L
 
+from cqdino.data import category_tree_file
 from cqdino.modeling import (
     CQDINO,
     build_contrastive_class_head,
@@ -60,7 +63,8 @@ model.class_head = L(build_contrastive_class_head)(
     selector_chunk_size=2048,
     selector_checkpoint=False,
     relation="tree",
-    tree_file="datasets/v3det/annotations/v3det_2023_v1_category_tree.json",
+    # the tree registered with the dataset ($DETECTRON2_DATASETS/V3Det/annotations/...)
+    tree_file=L(category_tree_file)(dataset_name="v3det_train"),
     ancestor_masking=True,
     init_embeddings=None,  # optional [C, d] .pth/.npy (e.g. text embeddings of the names)
     selection_loss="asl",

@@ -20,15 +20,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from cqdino.layers.topk_gather import contrastive_logits
+from cqdino.layers import contrastive_logits
 
 from ..dino.heads import ClassHead, ClassHeadState
 from ..dino.neck import level_masks
 from .category_queries import CategoryQueries, CategorySelfAttention
 from .selection_loss import SelectionLoss, image_level_targets
-
-# The recipe's selection loss is a sum over each GPU's batch of 2 images (16 on 8 GPUs).
-SELECTION_LOSS_IMAGES = 2
 from .selector import CategorySelector
 from .tree_aggregation import TreeAggregation
 
@@ -37,6 +34,9 @@ __all__ = [
     "build_contrastive_class_head",
     "load_category_tree",
 ]
+
+# The recipe's selection loss is a sum over each GPU's batch of 2 images (16 on 8 GPUs).
+SELECTION_LOSS_IMAGES = 2
 
 
 class ContrastiveClassHead(ClassHead):

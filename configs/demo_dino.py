@@ -1,0 +1,23 @@
+"""The DINO baseline at the demo's size: ``demo.py``'s backbone, neck, transformer, queries,
+data and schedule with DINO's linear head over all 1,000 categories (focal loss over C) instead
+of the category queries, selector and top-K (no encoder fusion, no decoder category attention).
+For like-for-like comparisons (``tools/compare_heads.py``)."""
+
+from cqdino.modeling import DINO
+
+from .common.models.dino_r50 import model as _dino
+from .common.optim import AdamW as optimizer
+from .demo import EMBED, dataloader, lr_multiplier, model
+from .demo import optimizer as _demo_optimizer
+from .demo import train
+
+model._target_ = DINO
+model.class_head = _dino.class_head
+model.class_head.num_classes = 1000
+model.class_head.embed_dim = EMBED
+for key in ("stage1", "stage1_extra_trainable"):
+    model.pop(key)
+model.transformer.encoder.pop("fusion_layers")
+model.transformer.decoder.pop("category_attn")
+optimizer.lr = _demo_optimizer.lr
+train.output_dir = "./output/demo_dino"
