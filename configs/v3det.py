@@ -28,10 +28,10 @@ model.class_head.selection_loss = "asl"
 
 optimizer.lr = 4e-4
 
-# 24 epochs x 183,348 images / 16 per batch = 275,022 iterations; lr x 0.1 at epochs 12 and 18
+# 24 epochs x 183,354 images / 16 per batch = 275,031 iterations; lr x 0.1 at epochs 12 and 18
 train.epochs = 24
-train.images_per_epoch = 183348
-train.max_iter = 275022
+train.images_per_epoch = 183354
+train.max_iter = 275031
 train.eval_period = 50000
 train.checkpointer = dict(period=10000, max_to_keep=3)
 train.output_dir = "./output/v3det_cqdino_r50"

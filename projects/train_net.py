@@ -93,7 +93,11 @@ def do_test(cfg, model, ema=None):
             instantiate(cfg.dataloader.evaluator),
         )
     if comm.is_main_process() and results:
-        logger.info("Evaluation results%s:\n%s", " (EMA weights)" if use_ema else "", format_results(results))
+        logger.info(
+            "Evaluation results%s:\n%s",
+            " (EMA weights)" if use_ema else "",
+            format_results(results),
+        )
     return results
 
 

@@ -20,7 +20,9 @@ def _args(out, *extra):
 
 
 def _ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert (
+        proc.returncode == 0
+    ), f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
@@ -28,7 +30,9 @@ def _ok(proc):
 def reference_run(tiny_datasets, tmp_path_factory):
     """An uninterrupted 12-iteration run, checkpoints every 4 iterations."""
     out = tmp_path_factory.mktemp("reference")
-    args = _args(out, "train.max_iter=12", "train.checkpointer.period=4", "train.checkpointer.max_to_keep=10")
+    args = _args(
+        out, "train.max_iter=12", "train.checkpointer.period=4", "train.checkpointer.max_to_keep=10"
+    )
     _ok(run_train_net(tiny_datasets, args))
     return out, metrics_by_iter(out)
 
@@ -63,7 +67,12 @@ def test_outputs(reference_run):
 @pytest.mark.parametrize("mode", ["kill_during_write", "kill_before_tag", "kill_after_save"])
 def test_sigkill_then_resume_matches_uninterrupted(mode, reference_run, tiny_datasets, tmp_path):
     ref_dir, ref = reference_run
-    args = _args(tmp_path, "train.max_iter=12", "train.checkpointer.period=4", "train.checkpointer.max_to_keep=10")
+    args = _args(
+        tmp_path,
+        "train.max_iter=12",
+        "train.checkpointer.period=4",
+        "train.checkpointer.max_to_keep=10",
+    )
     killed = run_train_net(tiny_datasets, args, harness=[mode, "7"])
     assert killed.returncode == -9, killed.stderr[-3000:]
     last = (tmp_path / "last_checkpoint").read_text()

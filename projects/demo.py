@@ -1,0 +1,364 @@
+#!/usr/bin/env python
+"""Run a trained DINO / CQ-DINO on images: drawn detections and one JSON of all detections.
+
+    python projects/demo.py --config-file configs/demo.py --input img.jpg more/ \\
+        --output out/ --confidence 0.3 train.init_checkpoint=output/demo/model_final.pth
+
+The model is ``cfg.model`` with the weights of ``train.init_checkpoint`` (the EMA weights when
+``train.ema`` is enabled and the checkpoint holds them, as ``train_net.py --eval-only`` does).
+Images are read in ``model.input_format`` and resized as ``cfg.dataloader.test.mapper`` resizes
+(shortest side ``test_size``, longest side <= ``max_size``); boxes are reported in the input
+image's pixels. Category names are the ``thing_classes`` of the training dataset
+(``dataloader.train.dataset.names``). Device: ``train.device`` (the CPU when CUDA is absent).
+
+A directory is expanded to the image files directly inside it (.jpg .jpeg .png .bmp .webp).
+Outputs in ``--output``: ``<stem>.jpg`` per image (boxes and names drawn; ``<stem>_1.jpg`` ...
+when stems repeat) and ``detections.json``::
+
+    {"config": ..., "checkpoint": ..., "confidence": ...,
+     "images": [{"file", "output", "width", "height",
+                 "detections": [{"bbox": [x0, y0, x1, y1], "score", "category_id",
+                                 "category_name"}]}],
+     "errors": [{"file", "reason"}]}
+
+``category_id`` is the contiguous id (0 .. C-1, the model's class index). Unreadable inputs
+(missing, not an image, corrupt) are logged, listed under ``errors`` and skipped. Exit status 0
+when at least one image was processed, else 1. Every file is written atomically.
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
+from detectron2.structures import Instances
+from detectron2.utils.visualizer import Visualizer
+
+from cqdino.data import DetrDatasetMapper
+from cqdino.engine import AtomicCheckpointer, atomic_write
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Predictor",
+    "setup_cfg",
+    "load_predictor",
+    "read_input",
+    "predict",
+    "draw",
+    "to_records",
+    "expand_inputs",
+    "main",
+]
+
+logger = logging.getLogger("cqdino.demo")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# a trailing ``key=value`` config override (``train.init_checkpoint=...``)
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)*=")
+
+
+@dataclass
+class Predictor:
+    """A model in eval mode and what is needed to feed it and name its classes."""
+
+    model: torch.nn.Module
+    augmentations: List[T.Augmentation]  # the test mapper's resize
+    input_format: str  # channel order the model expects ("BGR" / "RGB")
+    class_names: List[str]  # contiguous id -> name
+    device: torch.device
+
+
+def setup_cfg(config_file: str, opts: Sequence[str] = ()):
+    """The LazyConfig ``config_file`` with detectron2-style ``key=value`` overrides."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file!r}: no such file")
+    cfg = LazyConfig.load(config_file)
+    return LazyConfig.apply_overrides(cfg, list(opts))
+
+
+def _device(cfg) -> torch.device:
+    device = str(cfg.train.get("device", "cuda")) if "train" in cfg else "cuda"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.info("CUDA is not available: running on the CPU")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _test_augmentations(cfg) -> List[T.Augmentation]:
+    """The resize of ``cfg.dataloader.test.mapper`` (a ``DetrDatasetMapper``), so inference
+    sees images at the size evaluation does; detectron2's default 800 x 1333 without one."""
+    mapper_cfg = cfg.dataloader.test.get("mapper") if "dataloader" in cfg else None
+    if mapper_cfg is None or "test" not in cfg.dataloader:
+        logger.warning("no dataloader.test.mapper in the config: resizing to 800 x 1333")
+        return DetrDatasetMapper(is_train=False, num_classes=1).augmentation
+    mapper = instantiate(mapper_cfg)
+    if getattr(mapper, "is_train", False):
+        raise ValueError("dataloader.test.mapper is a training mapper (is_train=True)")
+    return list(mapper.augmentation)
+
+
+def _class_names(cfg, num_classes: Optional[int]) -> List[str]:
+    """``thing_classes`` of the first training dataset; ``class <i>`` when it has none."""
+    names = None
+    dataset = cfg.dataloader.train.get("dataset") if "dataloader" in cfg else None
+    if dataset is not None and "names" in dataset:
+        value = dataset.names
+        name = value if isinstance(value, str) else list(value)[0]
+        names = MetadataCatalog.get(name).get("thing_classes")
+        if names is not None and num_classes is not None and len(names) != num_classes:
+            raise ValueError(
+                f"the model has {num_classes} classes (model.class_head) but dataset {name!r} "
+                f"(dataloader.train.dataset.names) has {len(names)} categories: the config and "
+                "the checkpoint's training data disagree"
+            )
+    if names is None:
+        logger.warning("no thing_classes in the training dataset's metadata: classes are numbered")
+        names = [f"class {i}" for i in range(num_classes or 0)]
+    return list(names)
+
+
+def load_predictor(cfg) -> Predictor:
+    """Build ``cfg.model``, load ``train.init_checkpoint`` (weights only) and put it in eval
+    mode on ``train.device`` (the CPU when CUDA is not available)."""
+    device = _device(cfg)
+    model = instantiate(cfg.model)
+    checkpoint = cfg.train.get("init_checkpoint", "") if "train" in cfg else ""
+    if checkpoint:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"train.init_checkpoint={checkpoint!r}: no such file")
+        extra = AtomicCheckpointer(model).load(checkpoint, checkpointables=[])
+        ema_state = (extra.get("trainer") or {}).get("ema") if isinstance(extra, dict) else None
+        ema_cfg = cfg.train.get("ema", {})
+        if (
+            ema_state is not None
+            and ema_cfg.get("enabled", False)
+            and ema_cfg.get("eval_with_ema", True)
+        ):
+            logger.info("using the checkpoint's EMA weights (train.ema.enabled)")
+            model.load_state_dict(ema_state["state"])
+    else:
+        logger.warning("no train.init_checkpoint given: the detections come from untrained weights")
+    model.to(device).eval()
+    head = getattr(model, "class_head", None)
+    num_classes = getattr(head, "num_categories", getattr(head, "num_classes", None))
+    input_format = getattr(model, "input_format", "BGR")
+    return Predictor(
+        model=model,
+        augmentations=_test_augmentations(cfg),
+        input_format=input_format,
+        class_names=_class_names(cfg, num_classes),
+        device=device,
+    )
+
+
+def read_input(path: str, image_format: str = "BGR") -> np.ndarray:
+    """(H, W, 3) uint8 image of ``path`` in ``image_format`` (EXIF orientation applied).
+    Raises ``OSError`` or ``ValueError`` with the reason when it cannot be read."""
+    if not os.path.exists(path):
+        raise FileNotFoundError("no such file")
+    if not os.path.isfile(path):
+        raise OSError("not a regular file")
+    try:
+        image = utils.read_image(path, format=image_format)
+    except Exception as e:  # PIL raises many types for corrupt or foreign files
+        raise OSError(f"not a readable image ({type(e).__name__}: {e})") from e
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) == 0:
+        raise ValueError(f"unsupported image shape {image.shape}")
+    return image
+
+
+@torch.no_grad()
+def predict(predictor: Predictor, image: np.ndarray, confidence: float = 0.0) -> Instances:
+    """Detections of one image (``(H, W, 3)`` uint8 in ``predictor.input_format``): the
+    model's ``Instances`` (boxes in the image's pixels) with ``score >= confidence``, on CPU."""
+    height, width = image.shape[:2]
+    aug_input = T.AugInput(image)
+    T.AugmentationList(predictor.augmentations)(aug_input)
+    tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+    inputs = {"image": tensor.to(predictor.device), "height": height, "width": width}
+    instances = predictor.model([inputs])[0]["instances"].to("cpu")
+    return instances[instances.scores >= confidence]
+
+
+def draw(
+    image: np.ndarray, instances: Instances, class_names: Sequence[str], image_format: str = "BGR"
+) -> np.ndarray:
+    """``image`` (in ``image_format``) with the boxes, names and scores drawn (detectron2's
+    ``Visualizer``); returns an RGB uint8 array of the image's size."""
+    rgb = image[:, :, ::-1] if image_format == "BGR" else image
+    visualizer = Visualizer(rgb, Metadata(thing_classes=list(class_names)))
+    return visualizer.draw_instance_predictions(instances).get_image()
+
+
+def to_records(instances: Instances, class_names: Sequence[str]) -> List[Dict]:
+    """JSON-ready detections: xyxy ``bbox`` in pixels, ``score``, contiguous ``category_id``
+    and ``category_name``, by decreasing score."""
+    boxes = instances.pred_boxes.tensor.tolist()
+    scores = instances.scores.tolist()
+    classes = instances.pred_classes.tolist()
+    records = [
+        {
+            "bbox": [round(v, 2) for v in box],
+            "score": round(score, 5),
+            "category_id": int(c),
+            "category_name": class_names[c],
+        }
+        for box, score, c in zip(boxes, scores, classes)
+    ]
+    return sorted(records, key=lambda r: -r["score"])
+
+
+def expand_inputs(inputs: Sequence[str]) -> Tuple[List[str], List[Dict[str, str]]]:
+    """(files, errors): directories replaced by the image files directly inside them
+    (sorted), duplicates dropped; a missing path or an image-less directory is an error."""
+    files, errors, seen = [], [], set()
+    for path in inputs:
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(path, f)
+                for f in os.listdir(path)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, f))
+            )
+            if not found:
+                reason = f"directory without image files ({' '.join(IMAGE_EXTENSIONS)})"
+                errors.append({"file": path, "reason": reason})
+        elif not os.path.exists(path):
+            errors.append({"file": path, "reason": "no such file or directory"})
+            found = []
+        else:
+            found = [path]
+        for f in found:
+            key = os.path.realpath(f)
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    return files, errors
+
+
+def _output_name(stem: str, used: set) -> str:
+    name, i = f"{stem}.jpg", 0
+    while name in used:
+        i += 1
+        name = f"{stem}_{i}.jpg"
+    used.add(name)
+    return name
+
+
+def _write_jpg(path: str, rgb: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]))
+    if not ok:
+        raise OSError(f"cannot encode {path}")
+    atomic_write(path, lambda f: f.write(buf.tobytes()))
+
+
+def _split_overrides(inputs: List[str], opts: List[str]) -> Tuple[List[str], List[str]]:
+    """``--input a.jpg train.x=1`` puts the override into ``--input``: move ``key=value``
+    items that are not existing paths to the overrides."""
+    keep, moved = [], []
+    for item in inputs:
+        (moved if _OVERRIDE.match(item) and not os.path.exists(item) else keep).append(item)
+    return keep, moved + opts
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Detect objects in images with a trained DINO / CQ-DINO.",
+        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig file")
+    parser.add_argument(
+        "--input", required=True, nargs="+", metavar="PATH", help="image files or directories"
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    parser.add_argument(
+        "--confidence", type=float, default=0.3, help="minimum score of a kept detection"
+    )
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="config overrides key=value (LazyConfig keys)"
+    )
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.confidence <= 1.0:
+        parser.error(f"--confidence must be in [0, 1], got {args.confidence}")
+    args.input, args.opts = _split_overrides(args.input, list(args.opts))
+    if not args.input:
+        parser.error("--input: no image files or directories given")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    files, errors = expand_inputs(args.input)
+    for e in errors:
+        logger.warning(f"skipping {e['file']}: {e['reason']}")
+    try:
+        cfg = setup_cfg(args.config_file, args.opts)
+        predictor = load_predictor(cfg)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        logger.error(str(e))
+        return 1
+
+    os.makedirs(args.output, exist_ok=True)
+    images, used = [], set()
+    for i, path in enumerate(files):
+        try:
+            image = read_input(path, predictor.input_format)
+        except (OSError, ValueError) as e:
+            logger.warning(f"skipping {path}: {e}")
+            errors.append({"file": path, "reason": str(e)})
+            continue
+        instances = predict(predictor, image, args.confidence)
+        name = _output_name(Path(path).stem, used)
+        _write_jpg(
+            os.path.join(args.output, name),
+            draw(image, instances, predictor.class_names, predictor.input_format),
+        )
+        images.append(
+            {
+                "file": path,
+                "output": name,
+                "width": int(image.shape[1]),
+                "height": int(image.shape[0]),
+                "detections": to_records(instances, predictor.class_names),
+            }
+        )
+        logger.info(f"[{i + 1}/{len(files)}] {path}: {len(instances)} detections -> {name}")
+
+    result = {
+        "config": args.config_file,
+        "checkpoint": cfg.train.get("init_checkpoint", "") if "train" in cfg else "",
+        "confidence": args.confidence,
+        "images": images,
+        "errors": errors,
+    }
+    json_path = os.path.join(args.output, "detections.json")
+    atomic_write(json_path, lambda f: json.dump(result, f, indent=1), mode="w")
+    if not images:
+        logger.error(
+            f"no image was processed: none of the {len(args.input)} inputs could be read "
+            f"(see 'errors' in {json_path})"
+        )
+        return 1
+    logger.info(
+        f"{len(images)} images processed, {len(errors)} skipped; drawn images and "
+        f"detections.json in {args.output}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
