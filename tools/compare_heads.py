@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""CQ-DINO vs DINO with the same budget on the synthetic long-tailed vocabulary.
+
+For each vocabulary size C, a synthetic dataset is generated (``python -m cqdino.data.synthetic
+--num-categories C``, same image count and seed for every C), and for each seed both detectors
+are trained through ``projects/train_net.py`` with the same iterations, images, backbone,
+transformer, queries and seed: ``configs/demo.py`` (CQ-DINO) and ``configs/demo_dino.py`` (the
+DINO linear head over all C). Each is evaluated at the end with the V3Det-style evaluator (AP,
+AP50, rare/common/frequent AP). For CQ-DINO the selector's recall of the val images'
+ground-truth categories in its top-K (the paper's ARC) is measured too. The table gives the
+mean and the spread (min-max) over seeds.
+
+    python tools/compare_heads.py --categories 1000 5000 --seeds 0 1 --iters 400 \\
+        --json output/compare_heads/results.json
+    python tools/compare_heads.py --quick      # seconds: 40 categories, tiny images
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADS = {"CQ-DINO": ROOT / "configs" / "demo.py", "DINO": ROOT / "configs" / "demo_dino.py"}
+METRICS = ("AP", "AP50", "APr", "APc", "APf")
+QUICK_OVERRIDES = [
+    "dataloader.train.mapper.min_sizes=[64]",
+    "dataloader.train.mapper.max_size=80",
+    "dataloader.test.mapper.test_size=64",
+    "dataloader.test.mapper.max_size=80",
+    "dataloader.train.total_batch_size=2",
+    "model.transformer.num_queries=20",
+    "model.transformer.encoder.num_layers=1",
+    "model.transformer.decoder.num_layers=2",
+    "model.dn_number=10",
+]
+
+
+def class_overrides(head: str, num_categories: int, topk: int) -> List[str]:
+    key = "model.class_head.num_categories" if head == "CQ-DINO" else "model.class_head.num_classes"
+    out = [f"{key}={num_categories}"]
+    out += [f"dataloader.{s}.mapper.num_classes={num_categories}" for s in ("train", "test")]
+    if head == "CQ-DINO":
+        out.append(f"model.class_head.topk={topk}")
+    return out
+
+
+def generate(root: Path, num_categories: int, train: int, val: int, size) -> None:
+    out = root / "synthetic_vocab"
+    if (out / "meta.json").is_file():
+        meta = json.loads((out / "meta.json").read_text())
+        if meta.get("num_categories") == num_categories:
+            return
+        raise SystemExit(f"{out} holds another vocabulary ({meta.get('num_categories')})")
+    cmd = [sys.executable, "-m", "cqdino.data.synthetic", "--out", str(out)]
+    cmd += [f"--num-categories={num_categories}", f"--num-train-images={train}"]
+    cmd += [f"--num-val-images={val}", "--image-size", str(size[0]), str(size[1])]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def train_and_eval(head: str, root: Path, out: Path, overrides: List[str], threads: int) -> Dict:
+    if (out / "model_final.pth").is_file() and (out / "metrics.json").is_file():
+        pass  # finished earlier: reuse (delete the folder to re-run)
+    else:
+        env = {**os.environ, "DETECTRON2_DATASETS": str(root), "OMP_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, str(ROOT / "projects" / "train_net.py"), "--config-file"]
+        cmd += [str(HEADS[head]), *overrides, f"train.output_dir={out}"]
+        with open(out.parent / f"{out.name}.stdout.txt", "w") as log:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise SystemExit(f"{head} run failed (exit {proc.returncode}); see {log.name}")
+    last = {}
+    for line in (out / "metrics.json").read_text().splitlines():
+        rec = json.loads(line)
+        if "bbox/AP" in rec:
+            last = rec
+    if not last:
+        raise SystemExit(f"no evaluation in {out / 'metrics.json'}")
+    return {m: float(last[f"bbox/{m}"]) for m in METRICS if f"bbox/{m}" in last}
+
+
+def selector_recall(root: Path, out: Path, overrides: List[str]) -> float:
+    """ARC: the fraction of (val image, GT category) pairs whose category is in the image's
+    top-K selection, with the trained CQ-DINO's selector at inference."""
+    os.environ["DETECTRON2_DATASETS"] = str(root)
+    import torch
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.data import DatasetCatalog
+
+    from cqdino.data import register_synthetic_vocab
+    from cqdino.engine import AtomicCheckpointer
+
+    register_synthetic_vocab(str(root))
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(str(HEADS["CQ-DINO"])), overrides)
+    cfg.train.init_checkpoint = str(out / "model_final.pth")
+    model = instantiate(cfg.model).eval()
+    AtomicCheckpointer(model).load(cfg.train.init_checkpoint)
+    name = cfg.dataloader.test.dataset.names
+    gt = {  # dataset dicts hold contiguous category ids, as the selector's indices
+        d["image_id"]: {a["category_id"] for a in d.get("annotations", [])}
+        for d in DatasetCatalog.get(name)
+    }
+    hit = total = 0
+    with torch.no_grad():
+        for batch in instantiate(cfg.dataloader.test):
+            _, _, _, state = model.extract_features(batch)
+            for x, idx in zip(batch, state.indices.tolist()):
+                cats = gt[x["image_id"]]
+                hit += len(cats & set(idx))
+                total += len(cats)
+    return 100.0 * hit / max(total, 1)
+
+
+def summarise(rows: List[Dict]) -> List[Dict]:
+    out = []
+    keys = sorted({(r["categories"], r["head"]) for r in rows})
+    for c, head in keys:
+        runs = [r for r in rows if r["categories"] == c and r["head"] == head]
+        s = {"categories": c, "head": head, "seeds": [r["seed"] for r in runs]}
+        for m in METRICS + ("ARC",):
+            vals = [r[m] for r in runs if m in r]
+            if vals:
+                s[m] = {"mean": float(np.mean(vals)), "min": min(vals), "max": max(vals)}
+        out.append(s)
+    return out
+
+
+def table(summary: List[Dict]) -> str:
+    cols = list(METRICS) + ["ARC"]
+    lines = ["| C | head | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
+    for s in summary:
+        cells = []
+        for m in cols:
+            v = s.get(m)
+            cells.append("" if v is None else f"{v['mean']:.2f} ({v['min']:.2f}-{v['max']:.2f})")
+        lines.append(
+            f"| {s['categories']} | {s['head']} | {len(s['seeds'])} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--categories", type=int, nargs="+", default=[1000, 5000])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--iters", type=int, default=400, help="training iterations per run")
+    ap.add_argument("--topk", type=int, default=100, help="CQ-DINO's K")
+    ap.add_argument("--train-images", type=int, default=2000)
+    ap.add_argument("--val-images", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads per run")
+    ap.add_argument("--work-dir", type=Path, default=ROOT / "output" / "compare_heads")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--quick", action="store_true", help="40 categories, tiny data, 2 iterations")
+    args = ap.parse_args(argv)
+    size, extra = (256, 320), []
+    if args.quick:
+        args.categories, args.iters, args.topk = [40], 2, 10
+        args.train_images, args.val_images, size, extra = 8, 4, (64, 80), QUICK_OVERRIDES
+    t0 = time.perf_counter()
+    rows = []
+    for c in args.categories:
+        root = args.work_dir / f"data_c{c}"
+        generate(root, c, args.train_images, args.val_images, size)
+        for seed in args.seeds:
+            for head in HEADS:
+                over = extra + class_overrides(head, c, args.topk)
+                over += [
+                    f"train.seed={seed}",
+                    f"train.max_iter={args.iters}",
+                    "train.eval_period=0",
+                ]
+                over += [f"train.checkpointer.period={args.iters}", "train.device=cpu"]
+                out = args.work_dir / f"c{c}_{head.lower()}_s{seed}"
+                t = time.perf_counter()
+                row = {"categories": c, "head": head, "seed": seed}
+                row.update(train_and_eval(head, root, out, over, args.threads))
+                if head == "CQ-DINO":
+                    row["ARC"] = selector_recall(root, out, over)
+                row["seconds"] = time.perf_counter() - t
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    summary = summarise(rows)
+    print(table(summary))
+    result = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "runs": rows,
+        "summary": summary,
+        "seconds": time.perf_counter() - t0,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
