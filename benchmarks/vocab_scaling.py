@@ -32,10 +32,13 @@ depend on C (encoder image<->category fusion, decoder category attention) is lef
 
 How: each (model, C) runs in its own process (fresh allocator, no cross-talk): build, one
 warm-up training step, then ``--repeats`` timed training steps and ``--repeats`` inference
-steps. Peak memory on the CPU is the kernel's resident high-water mark (``VmHWM``, reset before
-the measured steps) above the resident size just before them (parameters and stand-ins
-included there, freed heap returned with ``malloc_trim``; ``MALLOC_MMAP_THRESHOLD_`` fixed so
-large blocks go back to the OS when freed); on CUDA ``max_memory_allocated`` above the
+steps; a case whose warm-up took more than ``--slow-step-s`` is timed once, and one that the
+model's measured points predict to be that slow runs one step of each without a warm-up (the
+table's ``n`` and ``warmup`` columns say which). Peak memory on the CPU is the kernel's
+resident high-water mark (``VmHWM``, reset before the measured steps) above the resident size
+just before them (parameters and stand-ins included there, freed heap returned with
+``malloc_trim``; ``MALLOC_MMAP_THRESHOLD_`` fixed so large blocks go back to the OS when
+freed); on CUDA ``max_memory_allocated`` above the
 allocation before the step. "train total" adds the parameters to the training peak (the
 stand-ins are left out: they exist in either model). Times are medians; on a shared CPU they
 are noisy. Per class: slopes of a least-squares line through the measured points (parameters:
@@ -289,30 +292,31 @@ def run_case(cfg: dict) -> dict:
             release_free_memory()
             base = _rss("VmRSS")
             reset_peak_rss()
-        times = []
+        times, result = [], None
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn()
+            result = fn()
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
             _clear_grads(modules, x)
         peak = torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")
-        return times, peak - base
+        return times, peak - base, result
 
+    repeats = cfg["repeats"]
     try:
-        t0 = time.perf_counter()
-        loss = train_step(modules, x, Q)  # warm-up: lazy allocations, extension loading
-        sync()
-        warmup_s = time.perf_counter() - t0
-        # slow cases (CPU) get one timed step: the table says how many were timed
-        repeats = cfg["repeats"] if warmup_s < cfg["slow_step_s"] else 1
-        train_ms, train_peak = measure(lambda: train_step(modules, x, Q), repeats)
-        infer_ms, infer_peak = measure(lambda: inference_step(modules, x, Q), repeats)
+        if cfg["warmup"]:
+            t0 = time.perf_counter()
+            train_step(modules, x, Q)  # lazy allocations, extension loading
+            sync()
+            if time.perf_counter() - t0 > cfg["slow_step_s"]:
+                repeats = 1  # a slow case: one timed step (the table says how many)
+        train_ms, train_peak, loss = measure(lambda: train_step(modules, x, Q), repeats)
+        infer_ms, infer_peak, (scores, _) = measure(lambda: inference_step(modules, x, Q), repeats)
     except torch.cuda.OutOfMemoryError as e:  # CUDA only; the CPU guard is the parent's
         return {"error": "oom", "detail": str(e)[:500]}
-    scores, _ = inference_step(modules, x, Q)
     head = modules[0]
     return {
+        "warmup": cfg["warmup"],
         "train_ms": train_ms,
         "infer_ms": infer_ms,
         "train_peak_bytes": int(train_peak),
@@ -369,6 +373,7 @@ def _measured_row(row: dict, res: dict) -> None:
     row.update(
         status="measured",
         n=len(res["train_ms"]),
+        warmup=res["warmup"],
         train_ms=median(res["train_ms"]),
         infer_ms=median(res["infer_ms"]),
         train_peak_mib=res["train_peak_bytes"] / 2**20,
@@ -411,6 +416,9 @@ def run_all(args, cfg: dict) -> List[dict]:
     for case in cases:
         model, C = case["model"], case["C"]
         row: Dict[str, object] = {"model": model, "C": C}
+        est_ms = _estimate(rows, model, C, "train_ms")
+        if est_ms is not None and est_ms > cfg["slow_step_s"] * 1e3:
+            case.update(warmup=False, repeats=1)  # a slow case: one step, no warm-up
         limit = None
         if cfg["device"] == "cpu":
             limit = min(budget, mem_available_bytes() - 2**30)
@@ -565,7 +573,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--slow-step-s",
         type=float,
         default=15.0,
-        help="a case whose warm-up training step takes longer is timed once",
+        help="seconds: a case whose warm-up step takes longer is timed once; one predicted "
+        "(from the measured points) to take longer is run once without a warm-up",
     )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -596,6 +605,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         selector=SELECTORS[selector_name],
         selector_chunk_size=args.selector_chunk_size,
         repeats=repeats,
+        warmup=True,
         slow_step_s=args.slow_step_s,
     )
     sel = SELECTORS[selector_name]
@@ -606,8 +616,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{args.gt_per_image} GT/image), d=256, 6 decoder layers + encoder proposals, top-K=100; "
         f"selector '{selector_name}' ({widths})"
         + ("" if selector_name == "recipe" else " -- NARROWER than the recipe (768/512/4/3072/2)")
-        + f"; {args.device}, {args.threads} thread(s), median of n timed steps "
-        f"({repeats}, or 1 when the warm-up step took > {args.slow_step_s:g} s)"
+        + f"; {args.device}, {args.threads} thread(s), median of n timed steps after a warm-up "
+        f"step ({repeats}; 1 when the warm-up took > {args.slow_step_s:g} s; 1 and no warm-up "
+        "when the measured points predict a slower step)"
     )
     info = machine_info(args.device)
     print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
@@ -619,7 +630,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     recipe_ppc = recipe_params_per_class(cfg)
     elapsed = time.perf_counter() - t0
 
-    columns = ["model", "C", "status", "n", "train_ms", "infer_ms", "train_total_mib"]
+    columns = ["model", "C", "status", "n", "warmup", "train_ms", "infer_ms", "train_total_mib"]
     columns += ["train_peak_mib", "infer_peak_mib", "params_m"]
     print(header)
     print(format_table(display_rows(rows), columns))

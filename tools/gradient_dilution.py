@@ -149,7 +149,7 @@ def precompute(dataset_dir: str, num_queries: int, seed: int) -> dict:
     labels, gt_boxes, sizes = [], [], []
     rng = np.random.default_rng([seed, 7])
     for i, d in enumerate(dicts):
-        img = torch.from_numpy(np.asarray(Image.open(d["file_name"]).convert("RGB")))
+        img = torch.from_numpy(np.array(Image.open(d["file_name"]).convert("RGB")))
         img = img.permute(2, 0, 1).float() / 255
         h, w = img.shape[-2:]
         ch = pixel_channels(img)
