@@ -79,7 +79,7 @@ def test_gradient_dilution_quick(tmp_path, monkeypatch):
             assert ("CQ-DINO", C, "selection", g) in keys
     for r in rows:
         assert 0 <= r["defined"] <= r["categories"]
-        for key in ("mean_ratio", "median_ratio", "pooled_ratio"):
+        for key in ("mean_ratio", "median_ratio", "pooled_ratio", "early_mean_ratio"):
             assert r[key] is None or (_finite(r[key]) and r[key] >= 0)
     assert any(r["mean_ratio"] is not None for r in rows)
     for run in payload["runs"]:

@@ -16,10 +16,12 @@ The table gives, per frequency group of the training set (rare: 1-10 training im
 11-100, frequent: > 100, the V3Det evaluator's groups; categories without training images have
 no positives and are left out), the mean and median of ratio_c over the group's categories, and
 the pooled ratio (sum of pos_c over sum of neg_c). A CQ-DINO category that never got a column
-while it was a target, or never got one at all, has no defined ratio; the table counts the
-categories with a defined one. For CQ-DINO the same statistic of its selection loss (ASL on the
-selector's [B, C] scores against the image-level labels) is given separately: it is the loss
-through which every category still sees every image.
+has no negatives and no defined ratio (``defined`` counts the others); one that got columns
+only in images where it was not a target has ratio 0. The ``early_*`` columns repeat the
+statistic over the first 10% of the iterations only (before the heads' biases have settled).
+For CQ-DINO the same statistic of its selection loss (ASL on the selector's [B, C] scores
+against the image-level labels) is given separately: it is the loss through which every
+category still sees every image.
 
 Setup (kept small so that it runs on a CPU in minutes; the heads and losses are the project's):
 
@@ -77,6 +79,7 @@ from cqdino.modeling import (  # noqa: E402
 )
 
 GROUPS = (("rare", 1, 10), ("common", 11, 100), ("frequent", 101, None))
+EARLY_KEYS = ("defined", "mean_ratio", "pooled_ratio")
 MODELS = ("DINO", "CQ-DINO")
 FEATURE_CHANNELS = 2 * len(synthetic.COLOURS) + 2
 ROI_SIZE = 4
@@ -231,7 +234,9 @@ def train(model: str, data: dict, args) -> dict:
 
         head.selector.score.register_forward_hook(keep)
 
-    sums = {k: torch.zeros(C, dtype=torch.float64) for k in ("pos", "neg", "sel_pos", "sel_neg")}
+    keys = ("pos", "neg", "sel_pos", "sel_neg")
+    sums = {k: torch.zeros(C, dtype=torch.float64) for k in keys}
+    early_iters = max(1, args.iters // 10)  # the first 10% of iterations, also kept apart
     n_img = len(data["labels"])
     order = np.random.default_rng([args.seed, 3])
     perm: List[int] = []
@@ -292,6 +297,8 @@ def train(model: str, data: dict, args) -> dict:
                     present[b, cls] = True
                 sums["sel_pos"] += (g_sel * present).sum(0)
                 sums["sel_neg"] += (g_sel * ~present).sum(0)
+            if it + 1 == early_iters:
+                early = {k: v.clone() for k, v in sums.items()}
             if it >= args.iters * 0.8:  # train-batch checks over the last 20% of iterations
                 for b, (q, g) in enumerate(indices):
                     cls = head.columns_to_classes(logits[b : b + 1, q].argmax(-1), _row(state, b))
@@ -302,6 +309,8 @@ def train(model: str, data: dict, args) -> dict:
     tail = losses_seen[int(len(losses_seen) * 0.8) :]
     return dict(
         sums={k: v.tolist() for k, v in sums.items()},
+        early={k: v.tolist() for k, v in early.items()},
+        early_iters=early_iters,
         seconds=time.perf_counter() - t0,
         loss_first=losses_seen[0],
         loss_last=sum(tail) / len(tail),
@@ -353,10 +362,15 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    axes = list(axes.flat)
     colours = {"rare": "tab:red", "common": "tab:orange", "frequent": "tab:green"}
-    styles = {"DINO": "s--", "CQ-DINO": "o-", "CQ-DINO selection (ASL)": "^:"}
-    panels = [("mean_ratio", "mean over categories"), ("pooled_ratio", "pooled (sum / sum)")]
+    styles = {"DINO": "s--", "CQ-DINO": "o-"}
+    panels = [
+        ("mean_ratio", "focal loss, all iterations: mean over categories"),
+        ("pooled_ratio", "focal loss, all iterations: pooled (sum / sum)"),
+        ("early_mean_ratio", "focal loss, first 10% of iterations: mean over categories"),
+    ]
     for ax, (key, label) in zip(axes, panels):
         for model in ("DINO", "CQ-DINO"):
             for g in colours:
@@ -368,23 +382,22 @@ def plot(rows: List[dict], path: str, title: str) -> None:
                 pts = [p for p in pts if p[1]]
                 if pts:
                     ax.plot(*zip(*pts), styles[model], color=colours[g], label=f"{model} {g}")
-        ax.set_title(f"focal loss: positive / negative |grad|, {label}", fontsize=9)
-    ax = axes[2]
-    for g in colours:
-        pts = [
-            (r["C"], r["mean_ratio"]) for r in rows if r["loss"] == "selection" and r["group"] == g
-        ]
-        pts = [p for p in pts if p[1]]
-        if pts:
-            ax.plot(*zip(*pts), styles["CQ-DINO selection (ASL)"], color=colours[g], label=g)
-    ax.set_title("CQ-DINO selection loss (ASL over all C), mean over categories", fontsize=9)
+        ax.set_title(label, fontsize=9)
+    ax = axes[3]
+    for key, style, when in (("mean_ratio", "^-", "all"), ("early_mean_ratio", "v:", "first 10%")):
+        for g in colours:
+            pts = [(r["C"], r[key]) for r in rows if r["loss"] == "selection" and r["group"] == g]
+            pts = [p for p in pts if p[1]]
+            if pts:
+                ax.plot(*zip(*pts), style, color=colours[g], label=f"{g}, {when}")
+    ax.set_title("CQ-DINO selection loss (ASL over all C): mean over categories", fontsize=9)
     for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("vocabulary size C")
+        ax.set_ylabel("positive / negative |dL/dlogit|")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("positive / negative gradient magnitude")
     fig.suptitle("\n".join(textwrap.wrap(title, 170)), fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -453,11 +466,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 gt_selected=res["gt_selected"],
             )
             runs.append(run)
-            for g in group_stats(s["pos"], s["neg"], data["image_count"]):
-                rows.append(dict(model=model, C=C, loss="focal", **g))
+            e = res["early"]
+            losses = [("focal", "pos", "neg")]
             if model != "DINO":
-                for g in group_stats(s["sel_pos"], s["sel_neg"], data["image_count"]):
-                    rows.append(dict(model=model, C=C, loss="selection", **g))
+                losses.append(("selection", "sel_pos", "sel_neg"))
+            for loss, kp, kn in losses:
+                full = group_stats(s[kp], s[kn], data["image_count"])
+                first = group_stats(e[kp], e[kn], data["image_count"])
+                for g, g0 in zip(full, first):
+                    row = dict(model=model, C=C, loss=loss, **g)
+                    row.update({f"early_{k}": g0[k] for k in EARLY_KEYS})
+                    rows.append(row)
             print(
                 f"done {model} C={C}: {res['seconds']:.0f} s, class loss "
                 f"{res['loss_first']:.3f} -> {res['loss_last']:.3f}",
@@ -469,7 +488,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(header)
     cols = ["model", "C", "loss", "group", "categories", "defined"]
     cols += ["mean_ratio", "median_ratio", "pooled_ratio"]
+    cols += [f"early_{k}" for k in EARLY_KEYS]
     print(format_table(rows, cols))
+    print(f"(early_*: the same over the first {max(1, args.iters // 10)} iterations only)")
     print("\nruns (train_top1: matched queries classified right, gt_selected: GT boxes whose")
     print("category was in the image's columns; both on training batches, last 20% of iters):")
     rcols = ["model", "C", "columns", "categories_seen", "boxes", "loss_first", "loss_last"]
