@@ -26,6 +26,9 @@ __all__ = [
     "release_free_memory",
     "run_json_child",
     "linear_fit",
+    "write_outputs",
+    "log_log_axes",
+    "save_figure",
 ]
 
 
@@ -253,3 +256,39 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float]:
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     return slope, my - slope * mx
+
+
+def write_outputs(
+    json_path: Optional[str],
+    payload: Dict[str, object],
+    plot_path: Optional[str] = None,
+    draw: Optional[Callable[[str], None]] = None,
+) -> None:
+    """End of a benchmark run: ``payload["info"]`` gets the load average, then the JSON is
+    written (atomically, when ``json_path``) and ``draw(plot_path)`` called (when given)."""
+    payload.setdefault("info", {})["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    write_json(json_path, payload)
+    if plot_path and draw is not None:
+        draw(plot_path)
+
+
+def log_log_axes(ax, ylabel: str, xlabel: str = "vocabulary size C") -> None:
+    """Log-log axes with labels and a light grid (the evidence plots against C)."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def save_figure(fig, path: str, title: str, width: int = 160) -> None:
+    """Wrap ``title`` over the figure, save it as ``path`` (folders made) and close it."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    fig.suptitle("\n".join(textwrap.wrap(title, width)), fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

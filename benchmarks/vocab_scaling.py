@@ -58,7 +58,6 @@ import math
 import os
 import sys
 import tempfile
-import textwrap
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -72,12 +71,14 @@ sys.path.insert(0, REPO)  # this checkout's cqdino, not an installed one
 from common import (  # noqa: E402
     format_table,
     linear_fit,
+    log_log_axes,
     machine_info,
     median,
     mem_available_bytes,
     release_free_memory,
     run_json_child,
-    write_json,
+    save_figure,
+    write_outputs,
 )
 
 MODELS = ("DINO", "CQ-DINO", "CQ-DINO-ckpt")
@@ -540,17 +541,9 @@ def plot(rows: List[dict], path: str, title: str) -> None:
                     color=colours.get(model),
                     label=f"{model} (estimate, not run)",
                 )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("vocabulary size C")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
+        log_log_axes(ax, label)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("\n".join(textwrap.wrap(title, 160)), fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -659,15 +652,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(ratio_rows, ["C", "model", "ratio", "dino_is_estimate"]))
     print(f"\ntotal time {elapsed:.0f} s")
     payload = {
-        "info": dict(info, header=header, elapsed_s=round(elapsed, 1), load_avg=os.getloadavg()),
+        "info": dict(info, header=header, elapsed_s=round(elapsed, 1)),
         "config": cfg,
         "results": rows,
         "per_class": slope_rows,
         "memory_ratio": ratio_rows,
     }
-    write_json(args.json, payload)
-    if args.plot:
-        plot(rows, args.plot, header)
+    write_outputs(args.json, payload, args.plot, lambda path: plot(rows, path, header))
     return 0
 
 

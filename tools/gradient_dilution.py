@@ -54,7 +54,6 @@ import argparse
 import json
 import os
 import sys
-import textwrap
 import time
 from typing import List, Optional, Sequence
 
@@ -68,7 +67,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # this checkout's cqdino, not an installed one
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-from common import format_table, machine_info, write_json  # noqa: E402
+from common import (  # noqa: E402
+    format_table,
+    log_log_axes,
+    machine_info,
+    save_figure,
+    write_outputs,
+)
 
 from cqdino.data import image_counts_from_json, load_detection_json, synthetic  # noqa: E402
 from cqdino.modeling import (  # noqa: E402
@@ -392,17 +397,9 @@ def plot(rows: List[dict], path: str, title: str) -> None:
                 ax.plot(*zip(*pts), style, color=colours[g], label=f"{g}, {when}")
     ax.set_title("CQ-DINO selection loss (ASL over all C): mean over categories", fontsize=9)
     for ax in axes:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("vocabulary size C")
-        ax.set_ylabel("positive / negative |dL/dlogit|")
-        ax.grid(True, which="both", alpha=0.3)
+        log_log_axes(ax, "positive / negative |dL/dlogit|")
         ax.legend(fontsize=7)
-    fig.suptitle("\n".join(textwrap.wrap(title, 170)), fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title, width=170)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -498,14 +495,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(runs, rcols))
     print(f"\ntotal time {elapsed:.0f} s")
     payload = {
-        "info": dict(info, header=header, elapsed_s=round(elapsed, 1), load_avg=os.getloadavg()),
+        "info": dict(info, header=header, elapsed_s=round(elapsed, 1)),
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
         "results": rows,
         "runs": runs,
     }
-    write_json(args.json, payload)
-    if args.plot:
-        plot(rows, args.plot, header)
+    write_outputs(args.json, payload, args.plot, lambda path: plot(rows, path, header))
     return 0
 
 
