@@ -569,6 +569,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="seconds: a case whose warm-up step takes longer is timed once; one predicted "
         "(from the measured points) to take longer is run once without a warm-up",
     )
+    ap.add_argument(
+        "--no-warmup", action="store_true", help="no warm-up step (for a few slow cases)"
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -598,7 +601,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         selector=SELECTORS[selector_name],
         selector_chunk_size=args.selector_chunk_size,
         repeats=repeats,
-        warmup=True,
+        warmup=not args.no_warmup,
         slow_step_s=args.slow_step_s,
     )
     sel = SELECTORS[selector_name]
