@@ -32,7 +32,7 @@ def _check_png(path: Path) -> None:
     assert path.read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.slow  # about 20 s on one core: C in {80, 1000}, both models, one child process
+@pytest.mark.slow  # about 16 s on one core: C in {80, 1000}, both models, one child process
 def test_vocab_scaling_quick(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out, png = tmp_path / "vs.json", tmp_path / "vs.png"
@@ -61,7 +61,7 @@ def test_vocab_scaling_quick(tmp_path, monkeypatch):
     _check_png(png)
 
 
-@pytest.mark.slow  # about 15 s on one core: two tiny datasets, 6 iterations per head
+@pytest.mark.slow  # about 7 s on one core: two tiny datasets, 6 iterations per head
 def test_gradient_dilution_quick(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out, png = tmp_path / "gd.json", tmp_path / "gd.png"
