@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -22,6 +22,13 @@ __all__ = [
     "peak_memory_bytes",
     "format_table",
     "write_json",
+    "mem_available_bytes",
+    "release_free_memory",
+    "run_json_child",
+    "linear_fit",
+    "write_outputs",
+    "log_log_axes",
+    "save_figure",
 ]
 
 
@@ -159,3 +166,129 @@ def write_json(path: Optional[str], payload: object) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def mem_available_bytes() -> int:
+    """``MemAvailable`` of /proc/meminfo in bytes (what new allocations can get without swap)."""
+    with open("/proc/meminfo") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so
+    that the RSS before a measurement holds live memory only."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_json_child(
+    argv: Sequence[str],
+    env: Dict[str, str],
+    timeout: float,
+    rss_limit_bytes: Optional[int] = None,
+    poll_s: float = 0.05,
+) -> Dict[str, object]:
+    """Run ``argv`` and return the JSON object it prints last on stdout.
+
+    A child that exits non-zero, runs past ``timeout`` seconds or whose resident memory passes
+    ``rss_limit_bytes`` (polled every ``poll_s`` seconds from /proc; the child is killed) gives
+    ``{"error": "failed" | "timeout" | "rss_limit", "detail": ...}`` instead of raising, so a
+    benchmark can report the case and go on.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, text=True)
+        t0 = time.monotonic()
+        reason, max_rss = None, 0
+        while proc.poll() is None:
+            if time.monotonic() - t0 > timeout:
+                reason = "timeout"
+            elif rss_limit_bytes is not None:
+                try:
+                    with open(f"/proc/{proc.pid}/status") as fh:
+                        rss = next(
+                            (
+                                int(line.split()[1]) * 1024
+                                for line in fh
+                                if line.startswith("VmRSS:")
+                            ),
+                            0,
+                        )
+                except OSError:
+                    rss = 0
+                max_rss = max(max_rss, rss)
+                if rss > rss_limit_bytes:
+                    reason = "rss_limit"
+            if reason is not None:
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(poll_s)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if reason is None and proc.returncode != 0:
+        reason = "failed"
+    if reason is not None:
+        detail = stderr[-2000:]
+        if reason == "rss_limit":
+            detail = (
+                f"killed at {max_rss / 2**30:.2f} GiB RSS (limit {rss_limit_bytes / 2**30:.2f})"
+            )
+        elif reason == "timeout":
+            detail = f"killed after {timeout:.0f} s"
+        return {"error": reason, "detail": detail}
+    lines = stdout.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float]:
+    """Least-squares ``(slope, intercept)`` of ``ys`` against ``xs`` (two or more points)."""
+    n = len(xs)
+    if n < 2:
+        raise ValueError("linear_fit needs at least two points")
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return slope, my - slope * mx
+
+
+def write_outputs(
+    json_path: Optional[str],
+    payload: Dict[str, object],
+    plot_path: Optional[str] = None,
+    draw: Optional[Callable[[str], None]] = None,
+) -> None:
+    """End of a benchmark run: ``payload["info"]`` gets the load average, then the JSON is
+    written (atomically, when ``json_path``) and ``draw(plot_path)`` called (when given)."""
+    payload.setdefault("info", {})["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    write_json(json_path, payload)
+    if plot_path and draw is not None:
+        draw(plot_path)
+
+
+def log_log_axes(ax, ylabel: str, xlabel: str = "vocabulary size C") -> None:
+    """Log-log axes with labels and a light grid (the evidence plots against C)."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def save_figure(fig, path: str, title: str, width: int = 160) -> None:
+    """Wrap ``title`` over the figure, save it as ``path`` (folders made) and close it."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    fig.suptitle("\n".join(textwrap.wrap(title, width)), fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
