@@ -3,8 +3,9 @@
 
 1. generates the synthetic vast vocabulary (1,000 long-tailed categories with their tree) under
    ``$DETECTRON2_DATASETS/synthetic_vocab`` if it is absent;
-2. trains CQ-DINO with ``configs/demo.py`` through ``projects/train_net.py`` (CPU by default;
-   ``--num-gpus N`` and trailing ``key=value`` overrides are passed through);
+2. trains CQ-DINO with ``configs/demo.py`` through ``projects/train_net.py`` (on the visible
+   GPUs, else as two CPU processes over gloo; ``--num-gpus N`` and trailing ``key=value``
+   overrides are passed through);
 3. prints the V3Det-style AP table of the final evaluation on ``synthetic_vocab_val``;
 4. writes ``curves.png`` (losses and AP against iterations) and a few val images with their
    detections drawn (``vis/``), and prints where everything is.
@@ -59,7 +60,7 @@ def ap_table(rec: dict) -> str:
     keys = [k for k in TABLE_KEYS if f"bbox/{k}" in rec]
     head = "| " + " | ".join(keys) + " |"
     sep = "|" + "|".join("-" * (len(k) + 2) for k in keys) + "|"
-    row = "| " + " | ".join(f"{rec[f'bbox/{k}']:.1f}".rjust(len(k)) for k in keys) + " |"
+    row = "| " + " | ".join(f"{rec[f'bbox/{k}']:.2f}".rjust(len(k)) for k in keys) + " |"
     return "\n".join([head, sep, row])
 
 
@@ -119,10 +120,20 @@ def draw_examples(output_dir: Path, overrides, count: int = 6) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs, or CPU ranks)")
+    ap.add_argument(
+        "--num-gpus",
+        type=int,
+        default=None,
+        help="processes: the visible GPUs, or without CUDA min(2, CPU cores) CPU processes",
+    )
     ap.add_argument("--skip-train", action="store_true", help="report on an existing run")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = ap.parse_args(argv)
+    if args.num_gpus is None:
+        import torch
+
+        n = torch.cuda.device_count()
+        args.num_gpus = n if n > 0 else min(2, os.cpu_count() or 1)
     output_dir = ROOT / "output" / "demo"
     overrides = list(args.opts)
     for o in overrides:

@@ -54,11 +54,11 @@ def test_outputs(reference_run):
     assert all(math.isfinite(m["total_loss"]) for m in metrics.values())
     log = (out / "log.txt").read_text()
     assert "eta:" in log and "loss_class" in log
-    # configs/demo.py: lr 4e-4, x0.1 at 1/2 and 3/4 of max_iter (6, 9); linear warm-up from
-    # 0.1x over 100 iterations, cut to end at the first step
+    # configs/demo.py: lr 6e-4, x0.1 at 1/2 and 3/4 of max_iter (6, 9); linear warm-up from
+    # 0.1x over 50 iterations, cut to end at the first step
     for i in range(12):
         mult = 0.1 + 0.9 * i / 6 if i < 6 else (0.1 if i < 9 else 0.01)
-        assert metrics[i]["lr"] == pytest.approx(4e-4 * mult, rel=1e-6), i
+        assert metrics[i]["lr"] == pytest.approx(6e-4 * mult, rel=1e-6), i
     ckpt = torch.load(out / "model_0000007.pth", map_location="cpu", weights_only=True)
     assert ckpt["iteration"] == 7 and "optimizer" in ckpt["trainer"]
     assert ckpt["trainer"]["ranks"][0]["data_loader"]["consumed"] >= 16
