@@ -4,9 +4,9 @@ vocabulary (1,000 long-tailed categories in a category tree; ``common/data/synth
     make demo                     # generates the data if absent, trains, evaluates, plots
     python projects/train_net.py --config-file configs/demo.py [--num-gpus N]
 
-Same method as ``v3det.py`` at demo width: R18 (quarter width), d=128, 2 + 3 transformer layers,
-100 queries, top-K 100 (GT categories forced into it in training), tree aggregation over the dataset's tree, ASL with ancestor masking;
-category queries initialised from bag-of-words name embeddings (the offline stand-in for the
+Same method as ``v3det.py`` at demo width: R18 (quarter width), d=128, 2 + 3 transformer
+layers, 100 queries, top-K 100 (GT categories forced into it in training), tree aggregation
+over the dataset's tree, ASL with ancestor masking; category queries initialised from bag-of-words name embeddings (the offline stand-in for the
 authors' text embeddings; ``cqdino/data/name_embeddings.py``).
 """
 
