@@ -6,8 +6,9 @@ vocabulary (1,000 long-tailed categories in a category tree; ``common/data/synth
 
 Same method as ``v3det.py`` at demo width: R18 (quarter width), d=128, 2 + 3 transformer
 layers, 100 queries, top-K 100 (GT categories forced into it in training), tree aggregation
-over the dataset's tree, ASL with ancestor masking; category queries initialised from bag-of-words name embeddings (the offline stand-in for the
-authors' text embeddings; ``cqdino/data/name_embeddings.py``).
+over the dataset's tree, ASL with ancestor masking; category queries initialised from
+bag-of-words name embeddings (the offline stand-in for the authors' text embeddings;
+``cqdino/data/name_embeddings.py``).
 """
 
 from detectron2.config import LazyCall as L
