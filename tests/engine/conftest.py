@@ -47,6 +47,23 @@ def tiny_datasets(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def synthetic_vocab(tiny_datasets):
+    """``synthetic_vocab_{train,val}`` registered on the tiny dataset in this process for one
+    test, then back under the root they had (registration reads ``$DETECTRON2_DATASETS``)."""
+    from cqdino.data import register_synthetic_vocab
+
+    old = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = str(tiny_datasets)
+    register_synthetic_vocab()
+    yield tiny_datasets
+    if old is None:
+        del os.environ["DETECTRON2_DATASETS"]
+    else:
+        os.environ["DETECTRON2_DATASETS"] = old
+    register_synthetic_vocab()
+
+
 def run_train_net(
     datasets: Path, args: List[str], harness: List[str] = (), timeout: int = 600
 ) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ detectron2's own ``SimpleTrainer`` (as its ``tools/lazyconfig_train_net.py`` doe
 tiny synthetic vocabulary, a few CPU iterations each."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -14,27 +13,12 @@ from detectron2.engine import DefaultTrainer, SimpleTrainer, create_ddp_model, h
 from detectron2.modeling import build_model
 
 from cqdino.config import add_cqdino_config
-from cqdino.data import category_tree_file, register_synthetic_vocab
+from cqdino.data import category_tree_file
 from cqdino.modeling import CQDINO
 
 from .conftest import ROOT, TINY_CATEGORIES, TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def synthetic_vocab(tiny_datasets):
-    """``synthetic_vocab_{train,val}`` registered on the tiny dataset for this test, then back
-    under the root they had (registration reads ``$DETECTRON2_DATASETS``)."""
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = str(tiny_datasets)
-    register_synthetic_vocab()
-    yield tiny_datasets
-    if old is None:
-        del os.environ["DETECTRON2_DATASETS"]
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-    register_synthetic_vocab()
 
 
 def _losses(trainer) -> dict:
@@ -136,7 +120,8 @@ def test_lazyconfig_simple_trainer(synthetic_vocab, tmp_path):
         cfg, TINY_OVERRIDES + [f"train.output_dir={tmp_path}", "train.max_iter=3"]
     )
     torch.manual_seed(0)
-    model = instantiate(cfg.model).to(cfg.train.device)
+    device = cfg.train.device if torch.cuda.is_available() else "cpu"  # as train_net.py does
+    model = instantiate(cfg.model).to(device)
     assert type(model) is CQDINO
     assert model.class_head.num_categories == TINY_CATEGORIES
     cfg.optimizer.params.model = model

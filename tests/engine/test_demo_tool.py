@@ -17,8 +17,6 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from PIL import Image
 
-from cqdino.data import register_synthetic_vocab
-
 from .conftest import ROOT, TINY_CATEGORIES, TINY_OVERRIDES, run_train_net
 
 pytestmark = pytest.mark.slow
@@ -125,20 +123,6 @@ def test_demo_tool_nothing_readable(tiny_datasets, checkpoint, tmp_path):
     assert "no image was processed" in proc.stderr
     result = json.loads((out / "detections.json").read_text())
     assert result["images"] == [] and len(result["errors"]) == 2
-
-
-@pytest.fixture
-def synthetic_vocab(tiny_datasets):
-    """``synthetic_vocab_*`` registered on the tiny dataset in this process for one test."""
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = str(tiny_datasets)
-    register_synthetic_vocab()
-    yield tiny_datasets
-    if old is None:
-        del os.environ["DETECTRON2_DATASETS"]
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-    register_synthetic_vocab()
 
 
 def test_demo_tool_matches_evaluation(synthetic_vocab, checkpoint, tmp_path):
