@@ -225,7 +225,7 @@ def train_step(modules, x: dict, num_queries: int) -> float:
         {"pred_logits": lg[:, :num_dn], "pred_boxes": bx[:, :num_dn]}
         for lg, bx in zip(logits, boxes)
     ]
-    losses = criterion(outputs, targets, dn_meta, head.valid_columns(state))
+    losses = criterion(outputs, targets, dn_meta)
     losses.update(state.losses)
     total = sum(losses.values())
     total.backward()

@@ -266,9 +266,7 @@ def train(model: str, data: dict, args) -> dict:
         logits.retain_grad()
         indices = criterion.matcher(logits, boxes, targets)
         num_boxes = criterion.num_boxes(targets, logits.device)
-        single = criterion.loss_single(
-            logits, boxes, targets, indices, num_boxes, head.valid_columns(state)
-        )
+        single = criterion.loss_single(logits, boxes, targets, indices, num_boxes)
         loss = single["loss_class"] * criterion.weights["loss_class"]
         total = loss + sum(state.losses.values())
         opt.zero_grad(set_to_none=True)
@@ -282,10 +280,7 @@ def train(model: str, data: dict, args) -> dict:
             for b, ((q, g), lab) in enumerate(zip(indices, mapped)):
                 keep_pos = lab[g] >= 0
                 target[b, q[keep_pos], lab[g][keep_pos]] = 1
-            g_abs = logits.grad.abs().double()
-            valid = head.valid_columns(state)
-            if valid is not None:
-                g_abs = g_abs * valid[:, None, :]
+            g_abs = logits.grad.abs().double()  # every image has exactly K real columns
             pos_col = (g_abs * target).sum(1)  # (B, N)
             neg_col = (g_abs * (1 - target)).sum(1)
             if state.indices is None:  # DINO: columns are the categories
