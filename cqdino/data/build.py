@@ -52,9 +52,7 @@ class DatasetNotFoundError(RuntimeError):
 
 def _missing_message(name: str, path: str) -> str:
     root = os.getenv("DETECTRON2_DATASETS")
-    where = (
-        f"$DETECTRON2_DATASETS={root}" if root else "./datasets ($DETECTRON2_DATASETS is unset)"
-    )
+    where = f"$DETECTRON2_DATASETS={root}" if root else "./datasets ($DETECTRON2_DATASETS is unset)"
     return (
         f"dataset {name!r}: {path} does not exist (looked under {where}). Put the dataset there "
         "or set DETECTRON2_DATASETS to the folder that holds it; the expected layout is in "
@@ -179,7 +177,7 @@ class SeededMapDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: Tuple[int, int]) -> Tuple[int, Optional[dict]]:
+    def __getitem__(self, key: Tuple[int, int]) -> Tuple[int, int, Optional[dict]]:
         index, position = key
         seed = np.random.SeedSequence([self.seed, position]).generate_state(2)
         py_state, np_state = random.getstate(), np.random.get_state()
@@ -192,7 +190,7 @@ class SeededMapDataset(Dataset):
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-        return position, out
+        return index, position, out
 
 
 def _first(batch):
@@ -218,14 +216,13 @@ class ResumableBatchLoader:
         self.aspect_ratio_grouping = aspect_ratio_grouping
         self.num_workers = num_workers
         self._consumed = sampler.start
-        self._pending: List[List[int]] = [[], []]  # positions waiting per bucket
+        self._pending: List[List[List[int]]] = [[], []]  # [index, position] waiting per bucket
         self._restored: List[Tuple[int, int]] = []  # (index, position) to re-map on resume
-        self._index_of: Dict[int, int] = {}
 
     def state_dict(self) -> Dict[str, Any]:
         return {
             "consumed": self._consumed,
-            "pending": [[[self._index_of[p], p] for p in b] for b in self._pending],
+            "pending": [[list(k) for k in b] for b in self._pending],
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -234,7 +231,7 @@ class ResumableBatchLoader:
         self._pending = [[], []]
         self._restored = [(int(i), int(p)) for b in state["pending"] for i, p in b]
 
-    def _mapped(self) -> Iterator[Tuple[int, Optional[dict]]]:
+    def _mapped(self) -> Iterator[Tuple[int, int, Optional[dict]]]:
         for key in self._restored:  # bucket contents at the checkpoint: not new stream items
             yield self.dataset[key]
         self._restored = []
@@ -249,50 +246,22 @@ class ResumableBatchLoader:
             # (a resumed run would otherwise draw it after the restored RNG state)
             generator=torch.Generator().manual_seed(self.dataset.seed),
         )
-        for position, item in loader:
+        for mapped in loader:
             self._consumed += 1
-            yield position, item
+            yield mapped
 
     def __iter__(self) -> Iterator[List[dict]]:
         buckets: List[List[dict]] = [[], []]
-        for position, item in self._mapped():
+        for index, position, item in self._mapped():
             if item is None:
                 continue
-            self._index_of[position] = item.pop("_index")
             b = 0 if not self.aspect_ratio_grouping or item["width"] > item["height"] else 1
             buckets[b].append(item)
-            self._pending[b].append(position)
+            self._pending[b].append([index, position])
             if len(buckets[b]) == self.batch_size:
-                for p in self._pending[b]:
-                    del self._index_of[p]
                 self._pending[b] = []
                 out, buckets[b] = buckets[b], []
                 yield out
-
-
-class _IndexedMapper:
-    """Wraps a mapper so the mapped dict remembers its dataset index (for the loader state)."""
-
-    def __init__(self, mapper):
-        self.mapper = mapper
-
-    def __call__(self, record):
-        index, record = record
-        out = self.mapper(record)
-        if out is not None:
-            out["_index"] = index
-        return out
-
-
-class _IndexedList:
-    def __init__(self, dicts: Sequence[dict]):
-        self.dicts = dicts
-
-    def __len__(self) -> int:
-        return len(self.dicts)
-
-    def __getitem__(self, i: int):
-        return i, self.dicts[i]
 
 
 def build_train_loader(
@@ -331,7 +300,7 @@ def build_train_loader(
         repeat = repeat_factors_from_category_frequency(list(dataset), repeat_threshold)
     seed = int(comm.shared_random_seed() if seed is None else seed)
     sampler = ResumableTrainingSampler(len(dataset), shuffle, seed, repeat)
-    mapped = SeededMapDataset(_IndexedList(dataset), _IndexedMapper(mapper), seed)
+    mapped = SeededMapDataset(dataset, mapper, seed)
     logger.info(
         f"Training loader: {len(dataset)} images, batch {total_batch_size // world} per rank "
         f"x {world} ranks, {num_workers} workers"
