@@ -8,13 +8,13 @@ with ``weights_only=False`` after a warning.
 """
 
 import glob
+import io
 import logging
 import os
 import pickle
 import tempfile
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import hooks
@@ -91,28 +91,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
             raise RuntimeError(f"cannot read checkpoint {filename}: {e}") from e
 
 
-class _Array:
-    def __init__(self, array: np.ndarray):
-        self.array = array
-
-
-def _to_numpy(t: torch.Tensor) -> _Array:
-    return _Array(t.detach().cpu().numpy())
-
-
-def _to_tensor(a: _Array) -> torch.Tensor:
-    return torch.from_numpy(a.array)
-
-
-def _map_tensors(obj, fn):
-    """``obj`` with every tensor (``_to_numpy``) or ``_Array`` (``_to_tensor``) mapped by fn."""
-    if isinstance(obj, (torch.Tensor, _Array)):
-        return fn(obj) if isinstance(obj, torch.Tensor) == (fn is _to_numpy) else obj
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    return obj
+def _gather_states(state: Any) -> list:
+    """Every rank's ``state`` on every rank. States travel as ``torch.save`` bytes (detectron2
+    0.6's ``all_gather`` pickles tensors in a way recent torch cannot unpickle) and come back
+    through ``torch.load(weights_only=True)``, as they will from the checkpoint."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return [
+        torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+        for b in comm.all_gather(buf.getvalue())
+    ]
 
 
 class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
@@ -124,10 +112,7 @@ class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
         it = self.trainer.iter
         due = (it + 1) % self.period == 0 or (self.max_iter is not None and it >= self.max_iter - 1)
         if due and hasattr(self.trainer, "rank_state"):
-            # tensors travel as numpy arrays (detectron2 0.6 pickles objects in a way recent
-            # torch cannot unpickle tensors from) and are tensors again in the checkpoint
-            gathered = comm.all_gather(_map_tensors(self.trainer.rank_state(), _to_numpy))
-            self.trainer._gathered_rank_states = _map_tensors(gathered, _to_tensor)
+            self.trainer._gathered_rank_states = _gather_states(self.trainer.rank_state())
         try:
             if comm.is_main_process():
                 self.step(it)
