@@ -188,10 +188,14 @@ class Trainer(TrainerBase):
     ) -> None:
         """Put the losses (mean over ranks) into the event storage; raise ``FloatingPointError``
         naming the non-finite losses and the iteration on every rank."""
-        metrics = {k: float(v.detach().float()) for k, v in loss_dict.items()}
-        metrics["data_time"] = data_time
+        names = list(loss_dict)
+        values = [loss_dict[k].detach().float().reshape(()) for k in names]
         if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+            names.append("grad_norm")
+            values.append(grad_norm.detach().float().reshape(()))
+        # one device-to-host transfer for all the scalars of the step
+        metrics = dict(zip(names, torch.stack(values).cpu().tolist()))
+        metrics["data_time"] = data_time
         all_metrics: List[Dict[str, float]] = comm.all_gather(metrics)
         bad = sorted(
             {
