@@ -75,11 +75,10 @@ def train_and_eval(head: str, root: Path, out: Path, overrides: List[str], threa
             proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             raise SystemExit(f"{head} run failed (exit {proc.returncode}); see {log.name}")
-    last = {}
-    for line in (out / "metrics.json").read_text().splitlines():
-        rec = json.loads(line)
-        if "bbox/AP" in rec:
-            last = rec
+    from cqdino.engine import read_metrics
+
+    _, evals = read_metrics(str(out))
+    last = evals[max(evals)] if evals else {}
     if not last:
         raise SystemExit(f"no evaluation in {out / 'metrics.json'}")
     return {m: float(last[f"bbox/{m}"]) for m in METRICS if f"bbox/{m}" in last}

@@ -14,7 +14,6 @@
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -41,27 +40,12 @@ def generate_data() -> float:
     return time.perf_counter() - t0
 
 
-def read_metrics(output_dir: Path):
-    """(training records, evaluation records) of metrics.json, last record per iteration."""
-    train, evals = {}, {}
-    path = output_dir / "metrics.json"
-    if not path.is_file():
-        return train, evals
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if "total_loss" in rec:
-            train[rec["iteration"]] = rec
-        if "bbox/AP" in rec:
-            evals[rec["iteration"]] = rec
-    return train, evals
-
-
 def ap_table(rec: dict) -> str:
+    """The headline APs of an evaluation record of metrics.json."""
+    from cqdino.engine import format_results
+
     keys = [k for k in TABLE_KEYS if f"bbox/{k}" in rec]
-    head = "| " + " | ".join(keys) + " |"
-    sep = "|" + "|".join("-" * (len(k) + 2) for k in keys) + "|"
-    row = "| " + " | ".join(f"{rec[f'bbox/{k}']:.2f}".rjust(len(k)) for k in keys) + " |"
-    return "\n".join([head, sep, row])
+    return format_results({"bbox": {k: rec[f"bbox/{k}"] for k in keys}}, keys=keys)
 
 
 def plot_curves(train: dict, evals: dict, path: Path) -> None:
@@ -154,7 +138,9 @@ def main(argv=None) -> int:
             return proc.returncode
     train_time = time.perf_counter() - t0 - gen_time
 
-    train, evals = read_metrics(output_dir)
+    from cqdino.engine import read_metrics
+
+    train, evals = read_metrics(str(output_dir))
     if not evals:
         print(f"[demo] no evaluation found in {output_dir / 'metrics.json'}")
         return 1
@@ -165,8 +151,8 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t0
     print()
     print(
-        f"[demo] synthetic_vocab_val, V3Det-style AP at 300 detections/image (iteration "
-        f"{max(evals) + 1}):"
+        "[demo] synthetic_vocab_val, V3Det-style AP (%) at 300 detections/image after "
+        f"{max(train) + 1 if train else '?'} training iterations:"
     )
     print(ap_table(last))
     print()

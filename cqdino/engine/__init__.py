@@ -3,7 +3,7 @@ CPU-capable multi-process launcher, evaluation with a progress bar, and the LR s
 ``projects/train_net.py`` puts them together."""
 
 from .checkpoint import AtomicCheckpointer, PeriodicCheckpointer, atomic_write
-from .evaluation import format_results, inference_on_dataset
+from .evaluation import format_results, inference_on_dataset, read_metrics
 from .launch import launch
 from .schedule import StepWithWarmup, step_schedule
 from .trainer import ModelEMA, Trainer, unwrap_model
@@ -14,6 +14,7 @@ __all__ = [
     "atomic_write",
     "format_results",
     "inference_on_dataset",
+    "read_metrics",
     "launch",
     "step_schedule",
     "StepWithWarmup",

@@ -1,10 +1,12 @@
 """Inference over a dataset with a progress bar, and the results table."""
 
+import json
 import logging
+import os
 import sys
 import time
 from contextlib import ExitStack
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
@@ -14,7 +16,7 @@ from tabulate import tabulate
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["inference_on_dataset", "format_results"]
+__all__ = ["inference_on_dataset", "format_results", "read_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,3 +91,21 @@ def format_results(results: Mapping[str, Mapping[str, float]], keys=None) -> str
     if not rows:
         return "(no results)"
     return tabulate(rows, headers=["task"] + list(names), tablefmt="pipe")
+
+
+def read_metrics(output_dir: str) -> Tuple[Dict[int, dict], Dict[int, dict]]:
+    """A run's ``metrics.json`` as (training records, evaluation records), each keyed by
+    iteration (a re-run iteration keeps its last record); empty if the file is absent."""
+    train: Dict[int, dict] = {}
+    evals: Dict[int, dict] = {}
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return train, evals
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "total_loss" in rec:
+                train[rec["iteration"]] = rec
+            if any(k.endswith("/AP") for k in rec):
+                evals[rec["iteration"]] = rec
+    return train, evals
