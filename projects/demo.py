@@ -40,7 +40,6 @@ import cv2
 import numpy as np
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
@@ -48,6 +47,7 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 
 from cqdino.data import DetrDatasetMapper
+from cqdino.data.build import dataset_class_names
 from cqdino.engine import AtomicCheckpointer, atomic_write
 
 __all__ = [
@@ -117,13 +117,7 @@ def _class_names(cfg, num_classes: Optional[int]) -> List[str]:
     if dataset is not None and "names" in dataset:
         value = dataset.names
         name = value if isinstance(value, str) else list(value)[0]
-        names = MetadataCatalog.get(name).get("thing_classes")
-        if names is not None and num_classes is not None and len(names) != num_classes:
-            raise ValueError(
-                f"the model has {num_classes} classes (model.class_head) but dataset {name!r} "
-                f"(dataloader.train.dataset.names) has {len(names)} categories: the config and "
-                "the checkpoint's training data disagree"
-            )
+        names = dataset_class_names(name, num_classes)
     if names is None:
         logger.warning("no thing_classes in the training dataset's metadata: classes are numbered")
         names = [f"class {i}" for i in range(num_classes or 0)]
@@ -152,8 +146,7 @@ def load_predictor(cfg) -> Predictor:
     else:
         logger.warning("no train.init_checkpoint given: the detections come from untrained weights")
     model.to(device).eval()
-    head = getattr(model, "class_head", None)
-    num_classes = getattr(head, "num_categories", getattr(head, "num_classes", None))
+    num_classes = model.class_head.num_classes
     input_format = getattr(model, "input_format", "BGR")
     return Predictor(
         model=model,

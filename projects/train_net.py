@@ -23,13 +23,12 @@ from contextlib import nullcontext
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from cqdino.data.build import DatasetNotFoundError, check_datasets
+from cqdino.data.build import DatasetNotFoundError, check_datasets, dataset_class_names
 from cqdino.engine import (
     AtomicCheckpointer,
     ModelEMA,
@@ -63,22 +62,10 @@ def _dataset_names(cfg):
     return names
 
 
-def _num_classes(model) -> int:
-    head = unwrap_model(model).class_head
-    return getattr(head, "num_categories", getattr(head, "num_classes", None))
-
-
 def _check_num_classes(cfg, model) -> None:
     """The model's class count must match the training dataset's categories."""
     names = cfg.dataloader.train.dataset.names
-    name = names if isinstance(names, str) else names[0]
-    classes = MetadataCatalog.get(name).get("thing_classes")
-    n = _num_classes(model)
-    if classes is not None and n is not None and len(classes) != n:
-        raise ValueError(
-            f"the model has {n} classes (model.class_head.num_categories / num_classes) but "
-            f"dataset {name!r} (dataloader.train.dataset.names) has {len(classes)} categories"
-        )
+    dataset_class_names(names if isinstance(names, str) else names[0], model.class_head.num_classes)
 
 
 def do_test(cfg, model, ema=None):

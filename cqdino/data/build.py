@@ -41,6 +41,7 @@ __all__ = [
     "ResumableBatchLoader",
     "build_train_loader",
     "build_test_loader",
+    "dataset_class_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -314,3 +315,16 @@ def build_train_loader(
 def build_test_loader(dataset: Sequence[dict], mapper, num_workers: int = 0):
     """detectron2's test loader (batch 1 per rank, every image once over all ranks)."""
     return build_detection_test_loader(dataset, mapper=mapper, num_workers=num_workers)
+
+
+def dataset_class_names(dataset_name: str, num_classes: int) -> Optional[List[str]]:
+    """``thing_classes`` of a registered dataset (None if its metadata has none), checked
+    against the model's class count: a mismatch raises, naming both config keys."""
+    names = MetadataCatalog.get(dataset_name).get("thing_classes")
+    if names is not None and len(names) != num_classes:
+        raise ValueError(
+            f"the model has {num_classes} classes (model.class_head.num_categories / "
+            f"num_classes) but dataset {dataset_name!r} (dataloader.train.dataset.names) has "
+            f"{len(names)} categories"
+        )
+    return None if names is None else list(names)

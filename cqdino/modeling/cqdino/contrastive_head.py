@@ -93,6 +93,7 @@ class ContrastiveClassHead(ClassHead):
         self.selection_loss = selection_loss
         self.ancestor_mask = ancestor_mask
         self.num_categories = C
+        self.num_classes = C  # the dataset classes, as LinearClassHead.num_classes
         self.num_topk = min(selector.num_topk, C)
         self.in_feature, self.in_stride = in_feature, in_stride
         self.force_gt = force_gt
