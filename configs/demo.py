@@ -15,6 +15,7 @@ from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 
 from cqdino.data import category_tree_file
+from cqdino.data.build import dataset_class_names
 from cqdino.data.name_embeddings import name_embedding_file
 
 from .common.data.synthetic import dataloader
@@ -60,6 +61,10 @@ model.class_head.tree_file = L(category_tree_file)(dataset_name="${dataloader.tr
 model.class_head.init_embeddings = L(name_embedding_file)(
     dataset_name="${dataloader.train.dataset.names}", dim="${..query_dim}"
 )
+model.class_head.category_names = L(dataset_class_names)(
+    dataset_name="${dataloader.train.dataset.names}", num_classes="${..num_categories}"
+)
+dataloader.evaluator.class_agnostic = True
 
 optimizer.lr = 6e-4
 

@@ -8,6 +8,8 @@ Roots come from ``$DETECTRON2_DATASETS`` (default ``./datasets``)::
     $DETECTRON2_DATASETS/V3Det/category_name_13204_v3det_2023_v1.txt   (display names; optional)
     $DETECTRON2_DATASETS/V3Det/annotations/v3det_2023_v1_category_tree.json   (optional)
     $DETECTRON2_DATASETS/synthetic_vocab/...   (see cqdino.data.synthetic; generated on first use)
+    $DETECTRON2_DATASETS/synthetic_vocab_val_img1/...   (the same vocabulary's val split rendered
+                                                         with image seed 1; on first use)
 
 The loader reads the json once with the standard library and builds detectron2 dataset dicts
 directly (no COCO API index, no per-annotation copies beyond the dicts detectron2 needs).
@@ -31,6 +33,7 @@ __all__ = [
     "image_counts_from_json",
     "register_v3det",
     "register_synthetic_vocab",
+    "register_synthetic_rendering",
     "category_tree_file",
     "V3DET_SPLITS",
 ]
@@ -344,6 +347,70 @@ def register_synthetic_vocab(root: Optional[str] = None, **generate_kwargs) -> N
             **_synthetic_metadata(out, generate_kwargs, on_import=True),
         )
         _PREPARE[name] = prepare
+    register_synthetic_rendering(1, root, **generate_kwargs)
+
+
+# The generation parameters a second rendering takes from the main folder (its vocabulary).
+_VOCABULARY_KEYS = (
+    "num_categories",
+    "num_val_images",
+    "seed",
+    "image_size",
+    "max_objects",
+    "zipf_alpha",
+    "coarse_label_prob",
+    "min_visible",
+    "min_object_size",
+)
+
+
+def register_synthetic_rendering(
+    image_seed: int, root: Optional[str] = None, **generate_kwargs
+) -> str:
+    """Register ``synthetic_vocab_val_img<seed>``: the val split of the synthetic vocabulary
+    rendered with another image seed (same categories, tree and frequencies, other images), at
+    ``<root>/synthetic_vocab_val_img<seed>``, to check that a model trained on
+    ``synthetic_vocab_train`` holds on renderings it was not tuned on.
+
+    Generated on first use (after the main folder, generated first if absent, with
+    ``generate_kwargs`` as :func:`register_synthetic_vocab`) with the main folder's parameters
+    (its ``meta.json``); frequency groups come from the main training split. Returns the
+    dataset name.
+    """
+    root = _datasets_root(root)
+    main = os.path.join(root, "synthetic_vocab")
+    name = f"synthetic_vocab_val_img{image_seed}"
+    out = os.path.join(root, name)
+    json_file = os.path.join(out, "annotations", "synthetic_vocab_val.json")
+
+    def prepare():
+        synthetic.ensure_generated(main, **generate_kwargs)
+        params = synthetic.read_meta(main)
+        kwargs = {k: params[k] for k in _VOCABULARY_KEYS if k in params}
+        if isinstance(kwargs.get("image_size"), list):
+            kwargs["image_size"] = tuple(kwargs["image_size"])
+        synthetic.ensure_generated(out, image_seed=image_seed, splits=["val"], **kwargs)
+
+    def load():
+        prepare()
+        categories = _synthetic_metadata(out, {})
+        _update_metadata(name, **categories)
+        return load_detection_json(
+            json_file, os.path.join(out, "images"), name, categories["thing_classes"]
+        )
+
+    _replace(
+        name,
+        load,
+        json_file=json_file,
+        image_root=os.path.join(out, "images"),
+        evaluator_type="v3det",
+        category_tree_file=os.path.join(out, "category_tree.json"),
+        train_json_file=os.path.join(main, "annotations", "synthetic_vocab_train.json"),
+        **_synthetic_metadata(out, {}, on_import=True),
+    )
+    _PREPARE[name] = prepare
+    return name
 
 
 # Dataset name -> callable that creates the dataset's files on demand (synthetic_vocab).

@@ -77,14 +77,26 @@ def inference_on_dataset(
 
 def format_results(results: Mapping[str, Mapping[str, float]], keys=None) -> str:
     """A pipe table of the headline metrics of each task (default: AP, AP50, AP75 and the
-    rare/common/frequent APs when present)."""
+    rare/common/frequent APs and the class-agnostic APs when present)."""
     rows = []
     for task, metrics in results.items():
         if not isinstance(metrics, Mapping):
             continue
         names = keys or [
             k
-            for k in ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl")
+            for k in (
+                "AP",
+                "AP50",
+                "AP75",
+                "APr",
+                "APc",
+                "APf",
+                "APs",
+                "APm",
+                "APl",
+                "AP-agnostic",
+                "AP50-agnostic",
+            )
             if k in metrics
         ]
         rows.append([task] + [f"{metrics[k]:.2f}" for k in names])

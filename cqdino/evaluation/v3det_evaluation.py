@@ -7,6 +7,10 @@
   child-class detection on a parent-labelled box is ignored rather than a false positive.
 * AP / AP50 / AP75 / APs / APm / APl (COCO definitions at maxDets 300), AR@300, per-category AP
   and per-frequency AP (rare <= 10, common 11..100, frequent > 100 training images).
+* Optionally (``class_agnostic=True``) the class-agnostic ``AP-agnostic`` / ``AP50-agnostic``:
+  the same 300 detections per image and ground truth with every category replaced by one, so
+  localisation is measured alone (a box detected under several categories counts once as a
+  true positive, its other copies as false positives).
 
 COCO AP decomposes over categories: a category's precision/recall depend only on its own
 (image, category) pairs. So the evaluation groups boxes by category and runs faster-coco-eval's
@@ -36,7 +40,13 @@ from tabulate import tabulate
 
 from cqdino.data.hierarchy import CategoryTree
 
-__all__ = ["V3DetEvaluator", "evaluate_boxes", "BoxArrays", "FREQUENCY_GROUPS"]
+__all__ = [
+    "V3DetEvaluator",
+    "evaluate_boxes",
+    "class_agnostic_ap",
+    "BoxArrays",
+    "FREQUENCY_GROUPS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -372,6 +382,16 @@ def load_image_count_file(path: str, category_ids: Sequence[int]) -> np.ndarray:
     return np.asarray([counts.get(int(c), 0) for c in category_ids])
 
 
+def class_agnostic_ap(gt: BoxArrays, dt: BoxArrays, max_dets_per_image: int = 300) -> dict:
+    """``{"AP-agnostic", "AP50-agnostic"}`` (in %): COCO AP with every category replaced by
+    one, over each image's ``max_dets_per_image`` best detections; no hierarchy rule."""
+    dt = truncate_per_image(dt, max_dets_per_image)
+    one_gt = BoxArrays({**gt, "category_id": np.zeros(len(gt), np.int64)})
+    one_dt = BoxArrays({**dt, "category_id": np.zeros(len(dt), np.int64)})
+    stats = evaluate_boxes(one_gt, one_dt, [0], max_dets_per_image=max_dets_per_image)["stats"]
+    return {"AP-agnostic": 100 * stats["AP"], "AP50-agnostic": 100 * stats["AP50"]}
+
+
 def _load_gt_json(json_file: str, image_ids: Optional[set]) -> BoxArrays:
     with open(json_file, encoding="utf-8") as f:
         anns = json.load(f)["annotations"]
@@ -433,6 +453,7 @@ class V3DetEvaluator(DatasetEvaluator):
         output_dir: Optional[str] = None,
         distributed: bool = True,
         image_count: Optional[Sequence[int]] = None,
+        class_agnostic: bool = False,
     ):
         """
         Args:
@@ -447,6 +468,7 @@ class V3DetEvaluator(DatasetEvaluator):
             image_count: training images per category (contiguous order) for frequency AP;
                 default ``metadata.image_count``, else ``metadata.image_count_file`` (see
                 :func:`load_image_count_file`), else counted from ``metadata.train_json_file``.
+            class_agnostic: also report class-agnostic AP and AP50 (localisation alone).
         """
         self._dataset_name = dataset_name
         self._metadata = _checked_metadata(dataset_name)
@@ -456,6 +478,7 @@ class V3DetEvaluator(DatasetEvaluator):
         self._output_dir = output_dir
         self._distributed = distributed
         self._image_count = image_count
+        self._class_agnostic = class_agnostic
         self._cpu = torch.device("cpu")
         self._to_dataset = self._contiguous_to_dataset()  # contiguous id -> dataset id
         self.reset()
@@ -590,7 +613,10 @@ class V3DetEvaluator(DatasetEvaluator):
             num_workers=self._num_workers,
         )
         logger.info(f"V3Det-style evaluation took {time.perf_counter() - t0:.1f} s")
-        return {"bbox": self._derive_results(res)}
+        results = self._derive_results(res)
+        if self._class_agnostic:
+            results.update(class_agnostic_ap(gt, dt, self._max_dets))
+        return {"bbox": results}
 
     def _gt_from_dicts(self, image_ids: set) -> BoxArrays:
         dicts = [d for d in DatasetCatalog.get(self._dataset_name) if d["image_id"] in image_ids]

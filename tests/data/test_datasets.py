@@ -296,3 +296,52 @@ def test_category_tree_file_errors_and_synthetic(tmp_path):
         assert CategoryTree.from_v3det_json(path).num_categories == 60
     finally:
         register_synthetic_vocab()
+
+
+def test_category_quotas_hand_computed():
+    probs = np.array([0.5, 0.3, 0.2])
+    # floor 2 each, the other 4 by largest remainders of [2.0, 1.2, 0.8] -> [2, 1, 1]
+    assert synthetic.category_quotas(10, probs, 2).tolist() == [4, 3, 3]
+    # 4 objects cannot give 3 categories 2 each: the floor drops to 1
+    assert synthetic.category_quotas(4, probs, 2).tolist() == [2, 1, 1]
+    assert synthetic.category_quotas(7, probs, 0).tolist() == [4, 2, 1]  # 3.5, 2.1, 1.4
+
+
+def test_demo_regime_every_category_has_boxes_and_a_long_tail():
+    leaves = synthetic.DEMO_CONFIG["num_categories"] - len(synthetic.SHAPES)
+    probs = synthetic._zipf_probs(leaves, 0.8, 0)
+    quotas = synthetic.category_quotas(4000 * 4, probs, 5)  # ~4.5 objects per train image
+    assert quotas.min() >= 5 and quotas.max() >= 20 * quotas.min()
+
+
+def test_synthetic_split_floor_and_image_seed(tmp_path):
+    kw = dict(SMALL, num_train_images=40, min_train_objects=3, max_objects=4)
+    a = synthetic.generate(tmp_path / "a", **kw)
+    b = synthetic.generate(tmp_path / "b", **kw, image_seed=1)
+    with open(os.path.join(a, "annotations", "synthetic_vocab_train.json")) as f:
+        train = json.load(f)
+    counts = np.bincount([x["category_id"] for x in train["annotations"]], minlength=61)[13:]
+    assert (counts > 0).mean() > 0.95  # a floor of 3 objects; occlusion drops a few
+    for rel in ("category_tree.json", "category_names.txt"):  # same vocabulary and tree
+        assert _read(os.path.join(a, rel)) == _read(os.path.join(b, rel))
+    for rel in ("images/val/000001.jpg", "annotations/synthetic_vocab_val.json"):
+        assert _read(os.path.join(a, rel)) != _read(os.path.join(b, rel))
+    sides = [min(x["bbox"][2:]) for x in train["annotations"]]
+    assert np.median(sides) >= 20  # objects start at min_object_size (24 px); occlusion crops
+
+
+def test_synthetic_rendering_registration(tmp_path):
+    register_synthetic_vocab(str(tmp_path), **SMALL)
+    try:
+        dicts = DatasetCatalog.get("synthetic_vocab_val_img1")
+        assert len(dicts) == 8
+        main_val = DatasetCatalog.get("synthetic_vocab_val")
+        assert [d["file_name"] for d in dicts] != [d["file_name"] for d in main_val]
+        meta = MetadataCatalog.get("synthetic_vocab_val_img1")
+        assert meta.thing_classes == MetadataCatalog.get("synthetic_vocab_val").thing_classes
+        assert meta.train_json_file == MetadataCatalog.get("synthetic_vocab_train").json_file
+        out = tmp_path / "synthetic_vocab_val_img1"
+        assert synthetic.read_meta(str(out))["image_seed"] == 1
+        assert not (out / "images" / "train").exists()  # the val split alone
+    finally:
+        register_synthetic_vocab()

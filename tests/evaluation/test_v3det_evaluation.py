@@ -377,3 +377,23 @@ def test_ground_truth_class_ids_out_of_range_from_dicts_name_the_image():
         ValueError, match=r"image 5 has 1 ground-truth box\(s\) with category ids \[-1\]"
     ):
         ev.evaluate()
+
+
+def test_class_agnostic_ap_matches_pycocotools_with_one_category(shared_data):
+    from cqdino.evaluation.v3det_evaluation import class_agnostic_ap
+
+    from .coco_reference import pycocotools_stats, to_arrays
+
+    gt = json.loads((shared_data / "coco8" / "annotations" / "coco8_train.json").read_text())
+    dets = jittered_detections(gt, np.random.default_rng(7), per_image_fp=40)
+    g, d = to_arrays(gt, dets, {x["image_id"] for x in dets})
+    got = class_agnostic_ap(g, d, 300)
+    # the reference: pycocotools on the same boxes with every category set to one
+    one = {**gt, "categories": [{"id": 1, "name": "object"}]}
+    one["annotations"] = [{**a, "category_id": 1} for a in gt["annotations"]]
+    ref = pycocotools_stats(one, [{**x, "category_id": 1} for x in dets], 300)
+    assert got["AP-agnostic"] == pytest.approx(100 * ref["AP"], abs=1e-6)
+    assert got["AP50-agnostic"] == pytest.approx(100 * ref["AP50"], abs=1e-6)
+    # the detections' classes do not matter
+    d2 = {**d, "category_id": np.roll(d["category_id"], 3)}
+    assert class_agnostic_ap(g, type(d)(d2), 300) == got

@@ -18,11 +18,14 @@ import torch.nn.functional as F
 
 from cqdino.data import CategoryDAG
 from cqdino.modeling import (
+    BagOfWordsEncoder,
     CategoryQueries,
     CategorySelector,
     CategorySelfAttention,
     TreeAggregation,
+    build_contrastive_class_head,
     load_category_embeddings,
+    name_words,
 )
 from tests.memory_probe import run_child
 
@@ -239,6 +242,99 @@ def test_category_queries_init_from_file(tmp_path, ext):
     expected = F.layer_norm(F.relu(table @ q.proj.weight.T + q.proj.bias), (D,))
     expected = expected * q.norm.weight + q.norm.bias
     torch.testing.assert_close(q(), expected)
+
+
+# ------------------------------------------------------------------ compositional queries
+def test_name_words_hand_computed():
+    assert name_words("Red h-striped circle with thin dark border") == [
+        "red",
+        "h-striped",
+        "circle",
+        "thin",
+        "dark",
+        "border",
+    ]
+    assert name_words("pair of shoes") == ["pair", "shoes"]
+    assert name_words("The") == ["the"]  # stop words only: the name itself
+
+
+def test_bag_of_words_encoder_is_the_mean_of_its_word_rows():
+    names = ["red circle", "blue square", "red square with dark border", "circle"]
+    enc = BagOfWordsEncoder(names, 6)
+    assert enc.words == ["red", "circle", "blue", "square", "dark", "border"]
+    W = enc.table.weight.detach().double()
+    row = {w: W[i] for i, w in enumerate(enc.words)}
+    expected = torch.stack(
+        [
+            (row["red"] + row["circle"]) / 2,
+            (row["blue"] + row["square"]) / 2,
+            (row["red"] + row["square"] + row["dark"] + row["border"]) / 4,
+            row["circle"],
+        ]
+    )
+    torch.testing.assert_close(enc().double(), expected)
+    res = BagOfWordsEncoder(names, 6, category_residual=True)
+    torch.testing.assert_close(res(), res.table(res.word_index, res.offsets))  # zero residual
+
+
+def _train_on(queries: CategoryQueries, seen, steps: int = 5):
+    """A few AdamW steps on a loss that reads only the ``seen`` categories' queries."""
+    opt = torch.optim.AdamW(queries.parameters(), lr=1e-2, weight_decay=0.0)
+    target = torch.randn(len(seen), queries.norm.normalized_shape[0], generator=torch.Generator())
+    for _ in range(steps):
+        loss = (queries()[seen] - target).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_unseen_category_moves_with_its_words():
+    # "green square" (2) and "green star" (3) never enter the loss; "green square" shares its
+    # words with trained categories, "green star" shares none.
+    names = ["green circle", "red square", "green square", "yellow star"]
+    torch.manual_seed(0)
+    comp = CategoryQueries(4, 8, name_encoder=BagOfWordsEncoder(names, 8))
+    e0 = comp.name_encoder().detach().clone()
+    _train_on(comp, [0, 1])
+    e1 = comp.name_encoder().detach()
+    W = comp.name_encoder.table.weight.detach()
+    green, square = (comp.name_encoder.words.index(w) for w in ("green", "square"))
+    # the unseen category's vector changed, and by exactly the mean of its words' changes
+    assert (e1[2] - e0[2]).abs().max() > 1e-3
+    torch.testing.assert_close(e1[2], (W[green] + W[square]) / 2)
+    # a category none of whose words was trained keeps its vector
+    torch.testing.assert_close(e1[3], e0[3])
+    # control: free per-category rows leave an unseen category's row where it was
+    torch.manual_seed(0)
+    free = CategoryQueries(4, 8)
+    before = free.embeddings.detach().clone()
+    _train_on(free, [0, 1])
+    torch.testing.assert_close(free.embeddings.detach()[2], before[2])
+    assert (free.embeddings.detach()[0] - before[0]).abs().max() > 1e-3
+
+
+def test_compositional_head_errors():
+    kw = dict(relation="none", query_dim=8, selector_memory_dim=8, selector_ffn_dim=8)
+    with pytest.raises(ValueError, match="needs category_names"):
+        build_contrastive_class_head(3, 4, compositional_queries=True, **kw)
+    with pytest.raises(ValueError, match="2 names, num_categories is 3"):
+        build_contrastive_class_head(
+            3, 4, compositional_queries=True, category_names=["a", "b"], **kw
+        )
+    with pytest.raises(ValueError, match="exclude each other"):
+        build_contrastive_class_head(
+            3,
+            4,
+            compositional_queries=True,
+            category_names=["a", "b", "c"],
+            init_embeddings=torch.zeros(3, 8),
+            **kw,
+        )
+    head = build_contrastive_class_head(
+        3, 4, compositional_queries=True, category_names=["a b", "b", "c"], word_dim=5, **kw
+    )
+    assert head.category_queries.name_encoder.dim == 5
+    assert head.category_queries().shape == (3, 8)
 
 
 def test_category_embeddings_bad_files(tmp_path):

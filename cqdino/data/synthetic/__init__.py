@@ -8,8 +8,11 @@ the V3Det tree-json layout::
 
 The 12 shape nodes are categories too (coarse labels, as V3Det has parent categories); family,
 root and shape+colour nodes are not (so the category DAG must skip through them). Category
-frequencies are long-tailed (Zipf over a seeded random ranking: a few frequent, most rare).
-Images hold several objects at log-uniform scales; later objects occlude earlier ones, boxes are
+frequencies are long-tailed as in V3Det's regime: every category has training boxes (a floor of
+``min_train_objects``), the rest follow a Zipf law over a seeded random ranking (a few frequent,
+most rare; the most frequent has ~100x the boxes of the least at the demo size). Images hold
+several objects at log-uniform scales from ``min_object_size`` (24 px, so texture and border
+stay visible); later objects occlude earlier ones, boxes are
 the *visible* extent, and objects less than ``min_visible`` visible are dropped.
 
 This data is for demos, smoke tests and controlled studies (e.g. how AP on rare categories reacts
@@ -39,7 +42,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -51,12 +54,14 @@ __all__ = [
     "DEMO_CONFIG",
     "ensure_generated",
     "read_meta",
+    "category_quotas",
+    "category_attributes",
     "main",
 ]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 SHAPE_FAMILIES = {
     "round shape": ["circle", "ellipse", "ring", "crescent"],
@@ -98,7 +103,12 @@ NUM_COMBINATIONS = len(SHAPES) * len(COLOURS) * len(TEXTURES) * len(BORDERS)  # 
 MAX_CATEGORIES = len(SHAPES) + NUM_COMBINATIONS
 
 DEMO_CONFIG = dict(
-    num_categories=1000, num_train_images=2000, num_val_images=500, image_size=(256, 320), seed=0
+    num_categories=1000,
+    num_train_images=4000,
+    num_val_images=500,
+    image_size=(256, 320),
+    seed=0,
+    image_seed=0,
 )
 
 
@@ -133,6 +143,16 @@ def vocabulary(num_categories: int = 1000, seed: int = 0) -> List[dict]:
         node = f"syn.{SHAPES[s]}.{colours[c]}.{TEXTURES[t]}.b{b}"
         cats.append(dict(id=len(cats) + 1, name=name, node=node, combo=combo))
     return cats
+
+
+def category_attributes(num_categories: int = 1000, seed: int = 0) -> Dict[int, tuple]:
+    """Category id -> attribute indices ``(shape, colour, texture, border)`` of the vocabulary
+    (``(shape,)`` for the 12 shape categories), for diagnostics such as
+    :func:`cqdino.evaluation.diagnostics.attribute_accuracy`."""
+    out = {}
+    for c in vocabulary(num_categories, seed):
+        out[c["id"]] = (c["id"] - 1,) if c["combo"] is None else tuple(c["combo"])
+    return out
 
 
 def category_tree_dict(cats: List[dict]) -> dict:
@@ -294,12 +314,13 @@ def _render_image(
     width: int,
     height: int,
     cats: List[dict],
-    probs: np.ndarray,
-    max_objects: int,
+    leaf_ids: np.ndarray,
+    min_object_size: float,
     coarse_label_prob: float,
     min_visible: float,
 ) -> Tuple[np.ndarray, List[dict]]:
-    """One image and its annotations (bbox xywh of the visible extent, category id)."""
+    """One image with the objects ``cats[leaf_ids]`` and its annotations (bbox xywh of the
+    visible extent, category id)."""
     colours = np.asarray(list(COLOURS.values()), np.float32)
     # Background: a smooth random gradient plus mild noise.
     c0, c1 = rng.uniform(60, 200, size=(2, 3)).astype(np.float32)
@@ -307,16 +328,15 @@ def _render_image(
     img = np.broadcast_to(c0 * (1 - t) + c1 * t, (height, width, 3)).copy()
     img += rng.standard_normal(size=img.shape, dtype=np.float32) * 6
 
-    n = int(rng.integers(1, max_objects + 1))
-    leaf_ids = rng.choice(len(cats), size=n, p=probs)
     owner = np.full((height, width), -1, np.int32)  # which object each pixel shows
     objects = []
     short = min(width, height)
     for k, ci in enumerate(leaf_ids):
         cat = cats[ci]
         s, c, tex, b = cat["combo"]
-        # Log-uniform scale from ~10 px to ~70% of the short side; mild aspect jitter.
-        size = float(np.exp(rng.uniform(np.log(10), np.log(0.7 * short))))
+        # Log-uniform scale from min_object_size to ~70% of the short side; mild aspect jitter.
+        lo = min(float(min_object_size), 0.7 * short)
+        size = float(np.exp(rng.uniform(np.log(lo), np.log(0.7 * short))))
         aspect = float(np.exp(rng.uniform(-0.3, 0.3)))
         w = max(6, min(width, int(round(size * aspect))))
         h = max(6, min(height, int(round(size / aspect))))
@@ -366,6 +386,37 @@ def _zipf_probs(num: int, alpha: float, seed: int) -> np.ndarray:
     return p / p.sum()
 
 
+def category_quotas(total: int, probs: np.ndarray, floor: int) -> np.ndarray:
+    """Objects per leaf category for ``total`` objects: ``floor`` each (lowered when
+    ``total`` cannot give every category that many), the rest split in proportion to
+    ``probs`` by largest remainders. Sums to ``total``."""
+    num = len(probs)
+    floor = max(0, min(int(floor), total // num))
+    rest = total - floor * num
+    exact = rest * probs
+    counts = np.floor(exact).astype(np.int64)
+    short = rest - int(counts.sum())
+    if short > 0:
+        counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+    return counts + floor
+
+
+def _split_objects(
+    num_images: int,
+    max_objects: int,
+    probs: np.ndarray,
+    floor: int,
+    rng: np.random.Generator,
+) -> List[np.ndarray]:
+    """Leaf indices of each image's objects: 1..max_objects objects per image (uniform), the
+    categories drawn without replacement from the split's quotas (:func:`category_quotas`), so
+    every category gets at least ``floor`` objects when the split is large enough."""
+    per_image = rng.integers(1, max_objects + 1, size=num_images)
+    quotas = category_quotas(int(per_image.sum()), probs, floor)
+    pool = rng.permutation(np.repeat(np.arange(len(probs)), quotas))
+    return np.split(pool, np.cumsum(per_image)[:-1])
+
+
 def generate(
     out_dir: str,
     num_categories: int = 1000,
@@ -374,9 +425,13 @@ def generate(
     seed: int = 0,
     image_size: Tuple[int, int] = (256, 320),
     max_objects: int = 8,
-    zipf_alpha: float = 1.1,
+    zipf_alpha: float = 0.8,
     coarse_label_prob: float = 0.03,
     min_visible: float = 0.3,
+    min_object_size: float = 24.0,
+    min_train_objects: int = 5,
+    image_seed: int = 0,
+    splits: Sequence[str] = ("train", "val"),
     overwrite: bool = False,
 ) -> str:
     """Generate the dataset into ``out_dir`` (atomically: temp folder, then rename).
@@ -385,12 +440,24 @@ def generate(
         out_dir: destination folder (must not exist unless ``overwrite``).
         num_categories: total categories C (12 shape categories + C-12 leaves), 13 .. 13,836.
         num_train_images, num_val_images: images per split.
-        seed: everything is a deterministic function of the arguments.
+        seed: the vocabulary (which combinations are categories, the tree, the frequency
+            ranking) and, with ``image_seed``, the images; everything is a deterministic
+            function of the arguments.
         image_size: (min, max) of the random image width and height in pixels.
         max_objects: objects per image are uniform in 1..max_objects (before occlusion drops).
-        zipf_alpha: long-tail exponent of the leaf-category frequencies.
+        zipf_alpha: long-tail exponent of the leaf-category frequencies (on top of the floor).
         coarse_label_prob: probability an object is labelled with its shape category (parent).
         min_visible: objects with a smaller visible fraction are not annotated.
+        min_object_size: smallest object side in pixels (log-uniform up to 70% of the short
+            side), so that texture and border stay visible.
+        min_train_objects: every leaf category gets at least this many train objects (V3Det
+            has training images for every category; the val split gets at least one each when
+            it has enough objects), the rest follow the Zipf frequencies; occlusion may drop a
+            few.
+        image_seed: other renderings of the same vocabulary and frequencies (new images,
+            layouts and object placements; same categories, tree and long tail).
+        splits: the splits to write (``("val",)``: a val split alone, e.g. another rendering
+            to evaluate a model trained on ``image_seed=0``).
     Returns:
         ``out_dir``.
     """
@@ -402,6 +469,13 @@ def generate(
         raise ValueError(f"image_size must be (min, max) with 16 <= min <= max, got {image_size}")
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    if not min_object_size >= 4:
+        raise ValueError(f"min_object_size must be >= 4 pixels, got {min_object_size}")
+    if min_train_objects < 0:
+        raise ValueError(f"min_train_objects must be >= 0, got {min_train_objects}")
+    splits = list(splits)
+    if not splits or any(sp not in ("train", "val") for sp in splits):
+        raise ValueError(f"splits must be a non-empty subset of ('train', 'val'), got {splits}")
     cats = vocabulary(num_categories, seed)
     leaves = [c for c in cats if c["combo"] is not None]
     probs = _zipf_probs(len(leaves), zipf_alpha, seed)
@@ -416,6 +490,10 @@ def generate(
         zipf_alpha=zipf_alpha,
         coarse_label_prob=coarse_label_prob,
         min_visible=min_visible,
+        min_object_size=min_object_size,
+        min_train_objects=min_train_objects,
+        image_seed=image_seed,
+        splits=splits,
     )
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -427,14 +505,31 @@ def generate(
         for split_idx, (split, num) in enumerate(
             [("train", num_train_images), ("val", num_val_images)]
         ):
+            if split not in splits:
+                continue
             os.makedirs(os.path.join(tmp, "images", split))
             images, annotations = [], []
+            floor = min_train_objects if split == "train" else 1
+            objects = _split_objects(
+                num,
+                max_objects,
+                probs,
+                floor,
+                np.random.default_rng([seed, image_seed, 3, split_idx]),
+            )
             for i in range(num):
-                rng = np.random.default_rng([seed, 100 + split_idx, i])
+                rng = np.random.default_rng([seed, image_seed, 100 + split_idx, i])
                 w = int(rng.integers(lo, hi + 1))
                 h = int(rng.integers(lo, hi + 1))
                 pixels, anns = _render_image(
-                    rng, w, h, leaves, probs, max_objects, coarse_label_prob, min_visible
+                    rng,
+                    w,
+                    h,
+                    leaves,
+                    objects[i],
+                    min_object_size,
+                    coarse_label_prob,
+                    min_visible,
                 )
                 image_id = i + 1
                 file_name = f"{split}/{image_id:06d}.jpg"
@@ -566,7 +661,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         help="range of the random image width and height in pixels",
     )
     p.add_argument(
-        "--seed", type=int, default=DEMO_CONFIG["seed"], help="everything is a function of it"
+        "--seed",
+        type=int,
+        default=DEMO_CONFIG["seed"],
+        help="the vocabulary, tree and frequencies (and, with --image-seed, the images)",
+    )
+    p.add_argument(
+        "--image-seed",
+        type=int,
+        default=DEMO_CONFIG["image_seed"],
+        help="other renderings of the same vocabulary: new images, same categories and tree",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     a = p.parse_args(argv)
@@ -578,6 +682,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         num_val_images=a.num_val_images,
         image_size=tuple(a.image_size),
         seed=a.seed,
+        image_seed=a.image_seed,
         overwrite=a.overwrite,
     )
     print(f"wrote {a.out} in {time.perf_counter() - t0:.1f} s")

@@ -2,7 +2,13 @@
 image-guided category selector and its loss, the contrastive class head, the encoder/decoder
 category hooks, stage-1 helpers, and the detectron2 meta-architecture ``"CQDINO"``."""
 
-from .category_queries import CategoryQueries, CategorySelfAttention, load_category_embeddings
+from .category_queries import (
+    BagOfWordsEncoder,
+    CategoryQueries,
+    CategorySelfAttention,
+    load_category_embeddings,
+    name_words,
+)
 from .contrastive_head import ContrastiveClassHead, build_contrastive_class_head, load_category_tree
 from .fusion import CategoryCrossAttention, ImageCategoryFusion, MultiheadCrossAttention
 from .hooks import (
@@ -26,6 +32,8 @@ from .selector import CategorySelector, SelectorOutput
 from .tree_aggregation import TreeAggregation
 
 __all__ = [
+    "BagOfWordsEncoder",
+    "name_words",
     "CategoryQueries",
     "CategorySelfAttention",
     "load_category_embeddings",

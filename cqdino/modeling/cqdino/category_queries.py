@@ -1,18 +1,95 @@
 """The learnable category queries of CQ-DINO: ``LayerNorm(relation(relu(Linear(E))))`` with a
-``[C, 768]`` parameter ``E`` and a relation module (:class:`~.tree_aggregation.TreeAggregation`
+``[C, 768]`` table ``E`` and a relation module (:class:`~.tree_aggregation.TreeAggregation`
 over the category hierarchy, :class:`CategorySelfAttention`, or none).
+
+``E`` is either one free parameter row per category (the recipe; optionally initialised from
+text embeddings of the names) or, compositionally, built from the words of the category names
+(:class:`BagOfWordsEncoder`: ``E_c`` = mean of learnable word vectors), so that a category with
+few or no training boxes moves with its words.
 
 This module does not import ``cqdino.data``: the hierarchy enters through the relation module.
 """
 
 import os
-from typing import Optional, Union
+import re
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CategorySelfAttention", "CategoryQueries", "load_category_embeddings"]
+__all__ = [
+    "BagOfWordsEncoder",
+    "CategorySelfAttention",
+    "CategoryQueries",
+    "load_category_embeddings",
+    "name_words",
+]
+
+# Words that carry no meaning of their own in a category name.
+_STOP_WORDS = frozenset({"with", "a", "an", "the", "of", "and", "or", "in", "on"})
+
+
+def name_words(name: str) -> List[str]:
+    """The words of a category name: lower case, split on anything but letters, digits, ``-``
+    and ``_``; stop words dropped (a name of stop words only is one word, itself)."""
+    words = re.findall(r"[\w-]+", name.lower())
+    return [w for w in words if w not in _STOP_WORDS] or [name.lower()]
+
+
+class BagOfWordsEncoder(nn.Module):
+    """A learnable bag-of-words text encoder: ``E_c = mean of the vectors of the words of name
+    c`` (``nn.EmbeddingBag``, mode mean), ``[C, dim]``.
+
+    The offline stand-in for the text embeddings the authors initialise the category queries
+    with, made learnable: every word's vector is trained by all categories whose names hold
+    it, so a category with few or no boxes of its own ("red dotted star") is moved by what its
+    words learnt elsewhere. Memory is one row per distinct word (V3Det's 13,204 names hold far
+    fewer distinct words than categories) plus the word index of every name. With
+    ``category_residual`` each category also gets its own free row, initialised to zero.
+    """
+
+    def __init__(
+        self, names: Sequence[str], dim: int, category_residual: bool = False, init_std=None
+    ):
+        """
+        Args:
+            names: the C category names in model (contiguous) order.
+            dim: width of the word vectors (and of ``E``).
+            category_residual: add a free per-category row (zero at initialisation).
+            init_std: std of the word vectors at initialisation (default ``dim ** -0.5``:
+                rows of about unit norm).
+        """
+        super().__init__()
+        names = [str(n) for n in names]
+        if not names:
+            raise ValueError("BagOfWordsEncoder: no category names given")
+        vocab: dict = {}
+        index: List[int] = []
+        offsets: List[int] = []
+        for name in names:
+            offsets.append(len(index))
+            index += [vocab.setdefault(w, len(vocab)) for w in name_words(name)]
+        self.words = sorted(vocab, key=vocab.get)
+        self.table = nn.EmbeddingBag(len(vocab), dim, mode="mean")
+        std = dim**-0.5 if init_std is None else float(init_std)
+        nn.init.normal_(self.table.weight, std=std)
+        self.register_buffer("word_index", torch.tensor(index, dtype=torch.long), persistent=False)
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.num_categories = len(names)
+        self.residual = nn.Parameter(torch.zeros(len(names), dim)) if category_residual else None
+
+    @property
+    def dim(self) -> int:
+        return self.table.embedding_dim
+
+    def extra_repr(self) -> str:
+        return f"num_categories={self.num_categories}, num_words={len(self.words)}"
+
+    def forward(self) -> Tensor:
+        """``[C, dim]`` category vectors."""
+        e = self.table(self.word_index, self.offsets)
+        return e if self.residual is None else e + self.residual
 
 
 class CategorySelfAttention(nn.Module):
@@ -105,6 +182,7 @@ class CategoryQueries(nn.Module):
         embed_dim: int = 768,
         relation: Optional[nn.Module] = None,
         init_embeddings: Optional[Union[str, os.PathLike, Tensor]] = None,
+        name_encoder: Optional[BagOfWordsEncoder] = None,
     ):
         """
         Args:
@@ -114,17 +192,33 @@ class CategoryQueries(nn.Module):
                 (:class:`~.tree_aggregation.TreeAggregation`, :class:`CategorySelfAttention`) or
                 None.
             init_embeddings: optional path of a ``.pth``/``.npy`` ``[C, d]`` table, or a tensor.
+            name_encoder: compositional queries: ``E`` comes from this
+                :class:`BagOfWordsEncoder` over the category names instead of a ``[C, d]``
+                parameter (exclusive with ``init_embeddings``).
         """
         super().__init__()
         if num_categories <= 0:
             raise ValueError(f"num_categories must be positive, got {num_categories}")
         self.num_categories = num_categories
-        if init_embeddings is not None:
-            table = load_category_embeddings(init_embeddings, num_categories)
+        self.name_encoder = name_encoder
+        if name_encoder is not None:
+            if init_embeddings is not None:
+                raise ValueError("give init_embeddings or name_encoder, not both")
+            if name_encoder.num_categories != num_categories:
+                raise ValueError(
+                    f"name_encoder has {name_encoder.num_categories} category names, "
+                    f"CategoryQueries has C={num_categories}"
+                )
+            self.embeddings = None
+            in_dim = name_encoder.dim
         else:
-            table = torch.randn(num_categories, embed_dim) * embed_dim**-0.5
-        self.embeddings = nn.Parameter(table)
-        self.proj = nn.Linear(table.shape[1], embed_dim)
+            if init_embeddings is not None:
+                table = load_category_embeddings(init_embeddings, num_categories)
+            else:
+                table = torch.randn(num_categories, embed_dim) * embed_dim**-0.5
+            self.embeddings = nn.Parameter(table)
+            in_dim = table.shape[1]
+        self.proj = nn.Linear(in_dim, embed_dim)
         n = getattr(relation, "num_categories", num_categories)
         if n != num_categories:
             raise ValueError(
@@ -135,7 +229,8 @@ class CategoryQueries(nn.Module):
 
     def forward(self) -> Tensor:
         """Returns the refined category queries ``[C, embed_dim]``."""
-        x = F.relu(self.proj(self.embeddings))
+        e = self.embeddings if self.name_encoder is None else self.name_encoder()
+        x = F.relu(self.proj(e))
         if self.relation is not None:
             x = self.relation(x)
         return self.norm(x)

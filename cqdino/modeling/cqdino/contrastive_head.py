@@ -24,7 +24,7 @@ from cqdino.layers import contrastive_logits
 
 from ..dino.heads import ClassHead, ClassHeadState
 from ..dino.neck import level_masks
-from .category_queries import CategoryQueries, CategorySelfAttention
+from .category_queries import BagOfWordsEncoder, CategoryQueries, CategorySelfAttention
 from .selection_loss import SelectionLoss, image_level_targets
 from .selector import CategorySelector
 from .tree_aggregation import TreeAggregation
@@ -222,6 +222,10 @@ def build_contrastive_class_head(
     category_ids: Optional[Sequence[int]] = None,
     ancestor_masking: bool = True,
     init_embeddings: Optional[str] = None,
+    category_names: Optional[Sequence[str]] = None,
+    compositional_queries: bool = False,
+    word_dim: Optional[int] = None,
+    category_residual: bool = False,
     selection_loss: str = "asl",
     force_gt: bool = False,
     in_feature: str = "res5",
@@ -247,6 +251,12 @@ def build_contrastive_class_head(
             ignored without ``tree_file``).
         init_embeddings: optional ``.pth``/``.npy`` ``[C, d]`` table for the category queries
             (e.g. text embeddings); random init otherwise.
+        category_names: the C category names in model order (needed by
+            ``compositional_queries``).
+        compositional_queries: build each category's query from learnable vectors of the words
+            of its name (:class:`BagOfWordsEncoder`, ``word_dim`` wide, default ``query_dim``;
+            ``category_residual`` adds a free zero-initialised row per category) instead of a
+            free ``[C, d]`` parameter. Exclusive with ``init_embeddings``.
         selection_loss: "asl" (V3Det: ASL gamma- 7, clip 0.05, sum, weight 1) or "bce" (COCO:
             summed BCE, weight 0.1).
         force_gt, in_feature, in_stride, prior_prob: see :class:`ContrastiveClassHead`.
@@ -266,7 +276,25 @@ def build_contrastive_class_head(
         rel = CategorySelfAttention(query_dim, self_attn_heads)
     else:
         rel = None
-    queries = CategoryQueries(num_categories, query_dim, rel, init_embeddings)
+    encoder = None
+    if compositional_queries:
+        if category_names is None:
+            raise ValueError(
+                "compositional_queries needs category_names (e.g. model.class_head."
+                "category_names = L(dataset_class_names)(dataset_name=..., num_classes=...))"
+            )
+        if len(category_names) != num_categories:
+            raise ValueError(
+                f"category_names has {len(category_names)} names, num_categories is "
+                f"{num_categories}"
+            )
+        if init_embeddings is not None:
+            raise ValueError(
+                "compositional_queries and init_embeddings exclude each other (set "
+                "init_embeddings=None)"
+            )
+        encoder = BagOfWordsEncoder(category_names, word_dim or query_dim, category_residual)
+    queries = CategoryQueries(num_categories, query_dim, rel, init_embeddings, encoder)
     selector = CategorySelector(
         in_channels,
         num_topk=topk,

@@ -1,0 +1,121 @@
+"""Where a detector on the synthetic vocabulary fails: boxes or names.
+
+* :func:`attribute_accuracy`: for every ground-truth box, the best-scoring detection that
+  overlaps it (IoU >= 0.5); how often its category is exactly right, and how often each of its
+  name's attributes (shape, colour, texture, border) is.
+* :func:`boxes_per_category`: the training data's boxes per category (min / median / max, and
+  the categories without any).
+
+Both read what the demo writes: the COCO jsons of ``cqdino.data.synthetic`` and the evaluator's
+``v3det_predictions.npz``.
+"""
+
+import json
+from typing import Dict, Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["attribute_accuracy", "boxes_per_category", "load_predictions", "ATTRIBUTES"]
+
+ATTRIBUTES = ("shape", "colour", "texture", "border")
+
+
+def load_predictions(path: str) -> Dict[str, np.ndarray]:
+    """The evaluator's ``v3det_predictions.npz`` (image_id, category_id, bbox xywh, score)."""
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) IoU of xywh boxes."""
+    ax1, ay1 = a[:, 0:1], a[:, 1:2]
+    ax2, ay2 = ax1 + a[:, 2:3], ay1 + a[:, 3:4]
+    bx1, by1 = b[None, :, 0], b[None, :, 1]
+    bx2, by2 = bx1 + b[None, :, 2], by1 + b[None, :, 3]
+    iw = np.clip(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0, None)
+    ih = np.clip(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0, None)
+    inter = iw * ih
+    union = a[:, 2:3] * a[:, 3:4] + b[None, :, 2] * b[None, :, 3] - inter
+    return inter / np.maximum(union, 1e-12)
+
+
+def attribute_accuracy(
+    gt_json: str,
+    predictions: Mapping[str, np.ndarray],
+    attributes: Mapping[int, Optional[Sequence[int]]],
+    iou_threshold: float = 0.5,
+) -> Dict[str, float]:
+    """Accuracy (%) of the best-scoring detection on each ground-truth box.
+
+    Args:
+        gt_json: COCO json of the evaluated split.
+        predictions: ``image_id``, ``category_id``, ``bbox`` (xywh), ``score`` arrays.
+        attributes: dataset category id -> attribute indices ``(shape, colour, texture,
+            border)``, or ``(shape,)`` / None for a category that only names its shape.
+        iou_threshold: a detection overlaps a box at this IoU or more.
+    Returns:
+        ``found`` (% of GT boxes with an overlapping detection), ``category`` (% of those whose
+        best detection has the right category) and one entry per attribute (% right among the
+        found boxes whose GT category has that attribute), plus ``boxes`` (count).
+    """
+    with open(gt_json, encoding="utf-8") as f:
+        anns = json.load(f)["annotations"]
+    by_image: Dict[int, list] = {}
+    for a in anns:
+        by_image.setdefault(a["image_id"], []).append(a)
+    img = np.asarray(predictions["image_id"])
+    order = np.argsort(img, kind="stable")
+    img_sorted = img[order]
+    found = right = 0
+    attr_right = np.zeros(len(ATTRIBUTES))
+    attr_total = np.zeros(len(ATTRIBUTES))
+    for image_id, gts in by_image.items():
+        lo, hi = np.searchsorted(img_sorted, [image_id, image_id + 1])
+        idx = order[lo:hi]
+        if len(idx) == 0:
+            continue
+        boxes = np.asarray(predictions["bbox"])[idx]
+        scores = np.asarray(predictions["score"])[idx]
+        cats = np.asarray(predictions["category_id"])[idx]
+        iou = _iou_xywh(np.asarray([g["bbox"] for g in gts], np.float64), boxes)
+        for g, row in zip(gts, iou):
+            hit = np.flatnonzero(row >= iou_threshold)
+            if len(hit) == 0:
+                continue
+            found += 1
+            best = int(cats[hit[np.argmax(scores[hit])]])
+            right += best == g["category_id"]
+            want = attributes.get(g["category_id"]) or ()
+            got = attributes.get(best) or ()
+            for k in range(min(len(want), len(ATTRIBUTES))):
+                attr_total[k] += 1
+                attr_right[k] += k < len(got) and got[k] == want[k]
+    n = len(anns)
+    out = {
+        "boxes": n,
+        "found": 100.0 * found / max(n, 1),
+        "category": 100.0 * right / max(found, 1),
+    }
+    for k, name in enumerate(ATTRIBUTES):
+        out[name] = 100.0 * attr_right[k] / attr_total[k] if attr_total[k] else float("nan")
+    return out
+
+
+def boxes_per_category(json_file: str) -> Dict[str, float]:
+    """Boxes per category of a COCO json: ``min``, ``median``, ``max`` over its categories,
+    ``empty`` (categories without a box), ``categories`` and ``boxes``."""
+    with open(json_file, encoding="utf-8") as f:
+        data = json.load(f)
+    ids = [c["id"] for c in data["categories"]]
+    counts = dict.fromkeys(ids, 0)
+    for a in data["annotations"]:
+        counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
+    c = np.asarray([counts[i] for i in ids])
+    return {
+        "categories": len(ids),
+        "boxes": int(c.sum()),
+        "min": int(c.min()) if len(c) else 0,
+        "median": float(np.median(c)) if len(c) else 0.0,
+        "max": int(c.max()) if len(c) else 0,
+        "empty": int((c == 0).sum()),
+    }
