@@ -246,6 +246,21 @@ def test_end_to_end_inference_predicts_only_selected_categories():
     assert len(out[0]["instances"]) == 20 * K
 
 
+def test_test_topk_widens_the_categories_at_inference_only():
+    torch.manual_seed(0)
+    model = tiny_cqdino(C, topk=2, num_queries=20, test_topk=3).eval()
+    model.class_head.selector.score = FixedScores(_scores([[7, 2, 5], [1, 3, 4]]))
+    with torch.no_grad():
+        out = model(batch([(64, 96, 0), (80, 64, 0)], C))
+    assert set(out[0]["instances"].pred_classes.tolist()) == {7, 2, 5}
+    assert len(out[1]["instances"]) == 20 * 3
+    model.train()
+    state = model.class_head.prepare(
+        {"res5": torch.randn(2, 256, 2, 3)}, [(64, 96), (64, 96)], [torch.tensor([1])] * 2
+    )
+    assert state.indices.shape == (2, 2)  # training keeps K
+
+
 # ----------------------------------------------------------------------------- stage 1
 @pytest.mark.parametrize("extra", [(), ("backbone",)])
 def test_stage1_trains_only_the_category_modules(extra):

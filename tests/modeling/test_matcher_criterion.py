@@ -118,6 +118,37 @@ def test_focal_loss_and_normalisation_against_torchvision(rng_seed):
     assert losses["loss_giou"].item() == pytest.approx(2 * ref_giou.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["iou", "align"])
+def test_iou_aware_class_target_against_a_float64_reference(rng_seed, kind):
+    """The matched column's target is IoU (or p^a IoU^(1-a)); the loss is BCE(p, t)|t - p|^2
+    weighted 0.25 on the targets > 0 and 0.75 elsewhere, written out here in float64."""
+    from torchvision.ops import box_iou as tv_iou
+
+    gen = torch.Generator().manual_seed(rng_seed)
+    Q, N = 6, 5
+    t = _targets(gen, 3, N)
+    logits = torch.randn(1, Q, N, generator=gen)
+    boxes = rand_boxes(Q, gen)[None]
+    crit = SetCriterion(
+        HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0), iou_target=kind
+    )
+    q, g = crit.matcher(logits, boxes, t)[0]
+    losses = crit({"pred_logits": logits, "pred_boxes": boxes}, t)
+    x = logits.double()[0]
+    p = x.sigmoid()
+    iou = torch.diag(tv_iou(_xyxy(boxes[0, q]).double(), _xyxy(t[0]["boxes"][g]).double()))
+    iou = iou.clamp(min=0.01)
+    cols = t[0]["labels"][g]
+    target = torch.zeros(Q, N, dtype=torch.float64)
+    target[q, cols] = iou if kind == "iou" else p[q, cols] ** 0.25 * iou**0.75
+    bce = -(target * torch.log(p) + (1 - target) * torch.log(1 - p))
+    w = torch.where(target > 0, 0.25, 0.75)
+    ref = (w * bce * (target - p).abs() ** 2).sum() / 3
+    assert losses["loss_class"].item() == pytest.approx(ref.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="iou_target"):
+        SetCriterion(crit.matcher, iou_target="varifocal")
+
+
 def test_permuted_queries_give_the_same_loss(rng_seed):
     gen = torch.Generator().manual_seed(rng_seed)
     Q, N = 10, 4

@@ -247,3 +247,17 @@ def test_map_dn_labels_rejects_unmapped_targets_without_a_dn_row():
         head.map_dn_labels(torch.tensor([3, -1]))
     head.unselected_dn_label = 7  # a head with the extra row maps -1 to it
     assert head.map_dn_labels(torch.tensor([3, -1])).tolist() == [3, 7]
+
+
+def test_decoder_shared_box_head():
+    from cqdino.modeling import DeformableDecoder
+
+    per_layer = DeformableDecoder(num_layers=3, embed_dim=16, num_heads=2, ffn_dim=32)
+    shared = DeformableDecoder(
+        num_layers=3, embed_dim=16, num_heads=2, ffn_dim=32, share_box_head=True
+    )
+    assert len({id(m) for m in per_layer.bbox_embed}) == 3
+    assert len({id(m) for m in shared.bbox_embed}) == 1
+    mlp = sum(p.numel() for p in shared.bbox_embed[0].parameters())
+    n_per, n_shared = (sum(p.numel() for p in d.parameters()) for d in (per_layer, shared))
+    assert n_per - n_shared == 2 * mlp

@@ -64,6 +64,7 @@ class ContrastiveClassHead(ClassHead):
         ancestor_mask: Optional[Callable[[Tensor], Tensor]] = None,
         force_gt: bool = False,
         prior_prob: float = 0.01,
+        test_topk: Optional[int] = None,
     ):
         """
         Args:
@@ -80,6 +81,9 @@ class ContrastiveClassHead(ClassHead):
             force_gt: in training, force the image's GT categories into its top-K (the rest
                 filled by score; with more than K GT categories the K best-scoring are kept).
             prior_prob: initial foreground probability of the contrastive logits.
+            test_topk: K at inference (default: the training K). A larger K at inference
+                lets the detector name categories the selector ranked just below the
+                training K (the columns are contrastive, so any K works).
         """
         super().__init__()
         C = category_queries.num_categories
@@ -97,6 +101,9 @@ class ContrastiveClassHead(ClassHead):
         self.num_topk = min(selector.num_topk, C)
         self.in_feature, self.in_stride = in_feature, in_stride
         self.force_gt = force_gt
+        if test_topk is not None and test_topk <= 0:
+            raise ValueError(f"test_topk must be positive, got {test_topk}")
+        self.test_topk = None if test_topk is None else min(test_topk, C)
         K = self.num_topk
         # DN labels are prompt positions 0..K-1 plus row K = "category not selected".
         self.num_dn_labels = K + 1
@@ -140,7 +147,8 @@ class ContrastiveClassHead(ClassHead):
             targets = image_level_targets(gt_classes, self.num_categories)  # (B, C) bool
             if self.force_gt:
                 force = targets
-        out = self.selector(self.category_queries(), x, mask, force=force)
+        k = self.test_topk if (gt_classes is None and not self.training) else None
+        out = self.selector(self.category_queries(), x, mask, force=force, num_topk=k)
         losses = {}
         if targets is not None:
             ignore = self.ancestor_mask(targets) if self.ancestor_mask is not None else None
@@ -231,6 +239,7 @@ def build_contrastive_class_head(
     in_feature: str = "res5",
     in_stride: int = 32,
     prior_prob: float = 0.01,
+    test_topk: Optional[int] = None,
 ) -> ContrastiveClassHead:
     """Build the head from plain values (the entry point of the yacs and LazyConfig configs).
 
@@ -259,7 +268,8 @@ def build_contrastive_class_head(
             free ``[C, d]`` parameter. Exclusive with ``init_embeddings``.
         selection_loss: "asl" (V3Det: ASL gamma- 7, clip 0.05, sum, weight 1) or "bce" (COCO:
             summed BCE, weight 0.1).
-        force_gt, in_feature, in_stride, prior_prob: see :class:`ContrastiveClassHead`.
+        force_gt, in_feature, in_stride, prior_prob, test_topk: see
+            :class:`ContrastiveClassHead`.
     """
     if relation not in _RELATIONS:
         raise ValueError(f"relation must be one of {_RELATIONS}, got {relation!r}")
@@ -317,4 +327,5 @@ def build_contrastive_class_head(
         ancestor_mask=tree.ancestor_mask if (tree is not None and ancestor_masking) else None,
         force_gt=force_gt,
         prior_prob=prior_prob,
+        test_topk=test_topk,
     )

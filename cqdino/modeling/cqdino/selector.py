@@ -178,6 +178,7 @@ class CategorySelector(nn.Module):
         features: Tensor,
         padding_mask: Optional[Tensor] = None,
         force: Optional[Tensor] = None,
+        num_topk: Optional[int] = None,
     ) -> SelectorOutput:
         """
         Args:
@@ -187,6 +188,7 @@ class CategorySelector(nn.Module):
             force: optional ``[B, C]`` bool, categories that must be selected (the training
                 option "force GT categories into the top-K", off by default; pass e.g.
                 ``image_level_targets(gt_classes, C)`` from ``selection_loss``).
+            num_topk: K for this call (default: the constructor's).
 
         Returns:
             :class:`SelectorOutput` with ``scores [B, C]``, ``indices [B, K]``,
@@ -194,6 +196,6 @@ class CategorySelector(nn.Module):
         """
         encoded = self.encode(queries, features, padding_mask)  # (B, C, D)
         scores = self.score(encoded).squeeze(-1)  # (B, C)
-        k = min(self.num_topk, queries.shape[0])
+        k = min(self.num_topk if num_topk is None else num_topk, queries.shape[0])
         indices, selected = topk_category_gather(scores, encoded, k, force=force)
         return SelectorOutput(scores, indices, self.out_proj(selected))

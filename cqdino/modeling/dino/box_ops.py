@@ -8,6 +8,7 @@ __all__ = [
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
     "generalized_box_iou",
+    "elementwise_box_iou",
     "elementwise_generalized_box_iou",
     "inverse_sigmoid",
 ]
@@ -42,13 +43,22 @@ def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float =
     return _giou(boxes1, boxes2, eps)
 
 
-def _giou(b1: Tensor, b2: Tensor, eps: float) -> Tensor:
+def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """IoU of corresponding ``[N, 4]`` xyxy boxes -> ``[N]``."""
+    return _iou_union(boxes1, boxes2, eps)[0]
+
+
+def _iou_union(b1: Tensor, b2: Tensor, eps: float):
     area1, area2 = _area(b1), _area(b2)
     lt = torch.maximum(b1[..., :2], b2[..., :2])
     rb = torch.minimum(b1[..., 2:], b2[..., 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
     union = area1 + area2 - inter
-    iou = inter / (union + eps)
+    return inter / (union + eps), union
+
+
+def _giou(b1: Tensor, b2: Tensor, eps: float) -> Tensor:
+    iou, union = _iou_union(b1, b2, eps)
     lt_c = torch.minimum(b1[..., :2], b2[..., :2])
     rb_c = torch.maximum(b1[..., 2:], b2[..., 2:])
     hull = (rb_c - lt_c).clamp(min=0).prod(-1)

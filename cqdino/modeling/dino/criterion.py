@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from detectron2.utils import comm
 from torch import Tensor, nn
 
-from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, elementwise_box_iou, elementwise_generalized_box_iou
 from .matcher import HungarianMatcher
 
-__all__ = ["SetCriterion", "sigmoid_focal_loss"]
+__all__ = ["SetCriterion", "sigmoid_focal_loss", "quality_focal_loss"]
 
 
 def sigmoid_focal_loss(
@@ -32,6 +32,24 @@ def sigmoid_focal_loss(
     return loss
 
 
+def quality_focal_loss(
+    logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
+    """Element-wise focal loss with soft targets ``t`` in [0, 1] (no reduction):
+    ``BCE(p, t) * |t - p| ** gamma``, weighted ``alpha`` where ``t > 0`` and ``1 - alpha``
+    elsewhere. With ``t`` in {0, 1} it equals :func:`sigmoid_focal_loss`."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    loss = ce * (targets - prob).abs() ** gamma
+    if alpha >= 0:
+        pos = (targets > 0).to(logits.dtype)
+        loss = (alpha * pos + (1 - alpha) * (1 - pos)) * loss
+    return loss
+
+
+IOU_TARGETS = ("none", "iou", "align")
+
+
 class SetCriterion(nn.Module):
     """
     Args:
@@ -40,6 +58,12 @@ class SetCriterion(nn.Module):
             terms; every auxiliary copy (``_0.._{L-2}``, ``_enc``, ``_dn``, ``_dn_i``) uses the
             same weights.
         focal_alpha, focal_gamma: focal loss parameters.
+        iou_target: the matched column's classification target (DN groups keep 1):
+            ``"none"`` 1 (DINO); ``"iou"`` the IoU of the predicted and GT boxes (a quality
+            target, as Stable-DINO's position-supervised loss); ``"align"``
+            ``p ** a * IoU ** (1 - a)`` with ``a = iou_target_alpha`` (Align-DETR), ``p`` the
+            predicted probability. Both detached; the loss is then :func:`quality_focal_loss`.
+        iou_target_alpha: ``a`` of ``"align"``.
     """
 
     def __init__(
@@ -51,8 +75,13 @@ class SetCriterion(nn.Module):
         loss_giou_weight: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        iou_target: str = "none",
+        iou_target_alpha: float = 0.25,
     ):
         super().__init__()
+        if iou_target not in IOU_TARGETS:
+            raise ValueError(f"iou_target must be one of {IOU_TARGETS}, got {iou_target!r}")
+        self.iou_target, self.iou_target_alpha = iou_target, iou_target_alpha
         self.matcher = matcher
         self.weights = {
             "loss_class": loss_class_weight,
@@ -68,6 +97,7 @@ class SetCriterion(nn.Module):
         targets: List[Dict[str, Tensor]],
         indices: List[Tuple[Tensor, Tensor]],
         num_boxes: Union[float, Tensor],
+        quality: bool = True,
     ) -> Dict[str, Tensor]:
         """Unweighted losses of one prediction set (no host sync).
 
@@ -76,6 +106,7 @@ class SetCriterion(nn.Module):
             targets: per image ``{"labels": [G] (-1 = no class target), "boxes": [G, 4]}``.
             indices: per image ``(query_idx, target_idx)``.
             num_boxes: normaliser.
+            quality: apply ``iou_target`` (False for the DN groups).
         """
         B, Q, N = pred_logits.shape
         device = pred_logits.device
@@ -88,17 +119,27 @@ class SetCriterion(nn.Module):
 
         # one-hot targets; a -1 label (no column) writes 0 into column 0 of its own row (each
         # matched query appears once), so no boolean-mask indexing (a host sync) is needed
+        src = pred_boxes[batch_idx, query_idx]  # (M, 4)
+        src_xyxy, gt_xyxy = box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(gt_boxes)
+        giou = elementwise_generalized_box_iou(src_xyxy, gt_xyxy)
+
         onehot = torch.zeros(B, Q, N, dtype=pred_logits.dtype, device=device)
         pos = (labels >= 0).to(pred_logits.dtype)
-        onehot.index_put_((batch_idx, query_idx, labels.clamp(min=0)), pos)
-        focal = sigmoid_focal_loss(pred_logits, onehot, self.focal_alpha, self.focal_gamma)
-        losses = {"loss_class": focal.sum() / num_boxes}
-
-        src = pred_boxes[batch_idx, query_idx]  # (M, 4)
+        cols = labels.clamp(min=0)
+        if quality and self.iou_target != "none":
+            with torch.no_grad():
+                t = elementwise_box_iou(src_xyxy, gt_xyxy).clamp(min=0.01).to(pos.dtype)
+                if self.iou_target == "align":
+                    a = self.iou_target_alpha
+                    p = pred_logits[batch_idx, query_idx, cols].sigmoid().to(pos.dtype)
+                    t = p**a * t ** (1 - a)
+            onehot.index_put_((batch_idx, query_idx, cols), pos * t)
+            cls = quality_focal_loss(pred_logits, onehot, self.focal_alpha, self.focal_gamma)
+        else:
+            onehot.index_put_((batch_idx, query_idx, cols), pos)
+            cls = sigmoid_focal_loss(pred_logits, onehot, self.focal_alpha, self.focal_gamma)
+        losses = {"loss_class": cls.sum() / num_boxes}
         losses["loss_bbox"] = F.l1_loss(src, gt_boxes, reduction="sum") / num_boxes
-        giou = elementwise_generalized_box_iou(
-            box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(gt_boxes)
-        )
         losses["loss_giou"] = (1 - giou).sum() / num_boxes
         return losses
 
@@ -163,7 +204,12 @@ class SetCriterion(nn.Module):
             for i, out in enumerate(dn_outputs):
                 suffix = "_dn" if i == len(dn_outputs) - 1 else f"_dn_{i}"
                 single = self.loss_single(
-                    out["pred_logits"], out["pred_boxes"], targets, dn_meta["indices"], num_dn
+                    out["pred_logits"],
+                    out["pred_boxes"],
+                    targets,
+                    dn_meta["indices"],
+                    num_dn,
+                    quality=False,
                 )
                 losses.update(self._weighted(single, suffix))
         return losses

@@ -275,6 +275,8 @@ class DeformableDecoder(nn.Module):
         embed_dim, num_heads, ffn_dim, num_levels, num_points, dropout: layer sizes.
         category_attn: optional per-layer hooks (see module doc); None, or a list of
             ``num_layers`` modules / None entries.
+        share_box_head: one box MLP for every layer (``bbox_embed[i]`` all the same module)
+            instead of one per layer (DINO's default).
     """
 
     def __init__(
@@ -287,6 +289,7 @@ class DeformableDecoder(nn.Module):
         num_points: int = 4,
         dropout: float = 0.0,
         category_attn: Optional[List[Optional[nn.Module]]] = None,
+        share_box_head: bool = False,
     ):
         super().__init__()
         if category_attn is not None and len(category_attn) != num_layers:
@@ -301,7 +304,11 @@ class DeformableDecoder(nn.Module):
             for h in hooks
         )
         self.ref_point_head = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
-        self.bbox_embed = nn.ModuleList(MLP(embed_dim, embed_dim, 4, 3) for _ in hooks)
+        if share_box_head:
+            shared = MLP(embed_dim, embed_dim, 4, 3)
+            self.bbox_embed = nn.ModuleList(shared for _ in hooks)
+        else:
+            self.bbox_embed = nn.ModuleList(MLP(embed_dim, embed_dim, 4, 3) for _ in hooks)
         self.norm = nn.LayerNorm(embed_dim)
         for mlp in self.bbox_embed:
             nn.init.zeros_(mlp.layers[-1].weight)
