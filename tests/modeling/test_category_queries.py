@@ -428,6 +428,27 @@ def test_selector_matches_reference_and_topk():
     torch.testing.assert_close(sel(queries, feats).scores, out.scores)
 
 
+def test_selector_query_skip_adds_the_projected_query():
+    torch.manual_seed(0)
+    sel = _small_selector(query_skip=True)
+    queries = torch.randn(11, 16, dtype=torch.float64)
+    feats = torch.randn(2, 6, 3, 5, dtype=torch.float64)
+    out = sel(queries, feats)
+    enc = _reference_encode(sel, queries, feats)
+    top = torch.topk(enc @ sel.score.weight[0] + sel.score.bias, 4, dim=1).indices
+    want = torch.stack(
+        [
+            enc[b, top[b]] @ sel.out_proj.weight.T
+            + sel.out_proj.bias
+            + queries[top[b]] @ sel.query_proj.weight.T
+            + sel.query_proj.bias
+            for b in range(2)
+        ]
+    )
+    torch.testing.assert_close(out.tokens, want)
+    assert _small_selector().query_proj is None  # off by default (the recipe)
+
+
 def test_selector_padding_mask():
     torch.manual_seed(1)
     sel = _small_selector()

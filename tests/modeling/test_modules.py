@@ -261,3 +261,18 @@ def test_decoder_shared_box_head():
     mlp = sum(p.numel() for p in shared.bbox_embed[0].parameters())
     n_per, n_shared = (sum(p.numel() for p in d.parameters()) for d in (per_layer, shared))
     assert n_per - n_shared == 2 * mlp
+
+
+def test_channels_last_resnet_computes_the_same_features():
+    from cqdino.modeling import build_resnet
+
+    torch.manual_seed(0)
+    ref = build_resnet(depth=18, width=16, out_features=["res4", "res5"]).eval()
+    nhwc = build_resnet(depth=18, width=16, out_features=["res4", "res5"], channels_last=True)
+    nhwc.load_state_dict(ref.state_dict())
+    nhwc.eval()
+    assert nhwc.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 96)
+    a, b = ref(x), nhwc(x)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)

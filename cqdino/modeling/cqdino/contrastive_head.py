@@ -224,6 +224,7 @@ def build_contrastive_class_head(
     selector_num_layers: int = 2,
     selector_chunk_size: int = 2048,
     selector_checkpoint: bool = False,
+    selector_query_skip: bool = False,
     relation: str = "tree",
     self_attn_heads: int = 8,
     tree_file: Optional[str] = None,
@@ -251,7 +252,9 @@ def build_contrastive_class_head(
         topk: K (V3Det 100, COCO 30); ``min(K, C)`` is used.
         query_dim, selector_*: category-query width and selector sizes (recipe: 768, memory
             512, 4 heads, FFN 3072, 2 layers); CPU configs use narrow values.
-            ``selector_chunk_size``/``selector_checkpoint`` bound its memory at large C.
+            ``selector_chunk_size``/``selector_checkpoint`` bound its memory at large C;
+            ``selector_query_skip`` adds the projected category query to each token
+            (:class:`CategorySelector` ``query_skip``).
         relation: "tree" (V3Det: :class:`TreeAggregation` over ``tree_file``), "self_attn"
             (COCO: :class:`CategorySelfAttention`, ``self_attn_heads`` heads) or "none".
         tree_file: category tree json (V3Det layout), needed by "tree" and by ancestor masking.
@@ -316,6 +319,7 @@ def build_contrastive_class_head(
         out_dim=embed_dim,
         chunk_size=selector_chunk_size,
         checkpoint_chunks=selector_checkpoint,
+        query_skip=selector_query_skip,
     )
     return ContrastiveClassHead(
         queries,

@@ -86,6 +86,8 @@ class CQDINO(DINO):
             # the selection loss does not reach the token projection: freeze it too, so every
             # trainable parameter gets a gradient (DDP without find_unused_parameters)
             self.class_head.selector.out_proj.requires_grad_(False)
+            if self.class_head.selector.query_proj is not None:
+                self.class_head.selector.query_proj.requires_grad_(False)
             self._frozen = frozen_modules(self)
             self.train(self.training)
 

@@ -78,6 +78,7 @@ class CategorySelector(nn.Module):
         dropout: float = 0.0,
         chunk_size: int = 2048,
         checkpoint_chunks: bool = False,
+        query_skip: bool = False,
     ):
         """
         Args:
@@ -92,6 +93,11 @@ class CategorySelector(nn.Module):
             dropout: dropout in the layers (0 by default).
             chunk_size: categories processed at once.
             checkpoint_chunks: recompute chunk activations in backward to bound training memory.
+            query_skip: tokens ``T = out_proj(selector output) + query_proj(category query)``:
+                a category's identity reaches the detector directly, not only through the
+                image-conditioned selector output (where, early in training from scratch, the
+                image content dominates and the K tokens of an image are nearly parallel). Off
+                in the recipe (the authors project the selector output alone).
         """
         super().__init__()
         if num_topk <= 0 or chunk_size <= 0:
@@ -111,6 +117,7 @@ class CategorySelector(nn.Module):
         )
         self.score = nn.Linear(query_dim, 1)
         self.out_proj = nn.Linear(query_dim, out_dim)
+        self.query_proj = nn.Linear(query_dim, out_dim) if query_skip else None
 
     def image_tokens(
         self, features: Tensor, padding_mask: Optional[Tensor] = None
@@ -198,4 +205,7 @@ class CategorySelector(nn.Module):
         scores = self.score(encoded).squeeze(-1)  # (B, C)
         k = min(self.num_topk if num_topk is None else num_topk, queries.shape[0])
         indices, selected = topk_category_gather(scores, encoded, k, force=force)
-        return SelectorOutput(scores, indices, self.out_proj(selected))
+        tokens = self.out_proj(selected)
+        if self.query_proj is not None:
+            tokens = tokens + self.query_proj(queries[indices])  # (B, K, out_dim)
+        return SelectorOutput(scores, indices, tokens)
