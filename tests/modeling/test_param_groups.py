@@ -107,3 +107,26 @@ def test_optimizer_params_bad_prefix():
         get_optimizer_params(_Toy(), 1e-3, 1e-4, multipliers={"categroy": (0.1, 1.0)})
     with pytest.raises(ValueError, match="base_lr"):
         get_optimizer_params(_Toy(), multipliers={"backbone": (0.1, 1.0)})
+
+
+def test_module_multipliers_match_a_module_name_anywhere():
+    m = _Toy()
+    groups = get_optimizer_params(
+        m,
+        base_lr=1e-3,
+        weight_decay=1e-4,
+        module_multipliers={"cross_attn": (0.1, 2.0)},
+        multipliers={"selector": (0.5, 1.0)},
+    )
+    hp = _lookup(groups)
+    for name, p in m.named_parameters():
+        if ".cross_attn." in name:  # both apply: 1e-3 x 0.5 x 0.1
+            assert hp[p][0] == pytest.approx(5e-5) and hp[p][1] == pytest.approx(2e-4)
+        elif name.startswith("selector."):
+            assert hp[p][0] == pytest.approx(5e-4)
+        else:
+            assert hp[p][0] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="module 'sampling_offsets'"):
+        get_optimizer_params(
+            m, base_lr=1e-3, weight_decay=1e-4, module_multipliers={"sampling_offsets": (0.1, 1)}
+        )

@@ -125,14 +125,23 @@ def get_dino_optimizer_params(
     weight_decay_norm: float = 0.0,
     backbone_lr_multiplier: float = 1.0,
     backbone_prefix: str = "backbone",
+    module_multipliers: Optional[Mapping[str, Tuple[float, float]]] = None,
 ) -> List[Dict[str, Any]]:
     """DINO's groups: :func:`get_optimizer_params` with the backbone's lr scaled by
-    ``backbone_lr_multiplier`` (1.0 from scratch, 0.01 in the pretrained recipe). Use as
+    ``backbone_lr_multiplier`` (1.0 from scratch, 0.01 in the pretrained recipe) and the
+    optional ``module_multipliers`` (e.g. ``{"sampling_offsets": (0.1, 1.0)}``). Use as
     ``optimizer.params = L(get_dino_optimizer_params)(base_lr=..., backbone_lr_multiplier=...)``
     (detectron2's ``lazyconfig_train_net`` fills ``model``)."""
     prefix = backbone_prefix.rstrip(".")
     mult = {prefix: (backbone_lr_multiplier, 1.0)} if backbone_lr_multiplier != 1.0 else {}
-    return get_optimizer_params(model, base_lr, weight_decay, weight_decay_norm, mult)
+    return get_optimizer_params(
+        model,
+        base_lr,
+        weight_decay,
+        weight_decay_norm,
+        mult,
+        module_multipliers=module_multipliers,
+    )
 
 
 def _reduce(groups: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
