@@ -20,4 +20,6 @@ for key in ("stage1", "stage1_extra_trainable"):
 model.transformer.encoder.pop("fusion_layers")
 model.transformer.decoder.pop("category_attn")
 optimizer.lr = _demo_optimizer.lr
+optimizer.fused = _demo_optimizer.fused
+optimizer.params.module_multipliers = _demo_optimizer.params.module_multipliers
 train.output_dir = "./output/demo_dino"

@@ -36,9 +36,9 @@ DATASETS = {
     "v3det": Dataset("v3det_train", "v3det_val", 13204, (183354 - 100, 183354), "v3det"),
     # COCO train2017: 118,287 images, 117,266 of them with boxes (filter_empty=True).
     "coco": Dataset("coco_2017_train", "coco_2017_val", 80, (117266, 117266), "coco"),
-    # The synthetic demo vocabulary at its default size (2,000 train images, each with boxes).
+    # The synthetic demo vocabulary at its default size (4,000 train images, each with boxes).
     "synthetic": Dataset(
-        "synthetic_vocab_train", "synthetic_vocab_val", 1000, (2000, 2000), "v3det"
+        "synthetic_vocab_train", "synthetic_vocab_val", 1000, (4000, 4000), "v3det"
     ),
 }
 
@@ -67,20 +67,18 @@ RECIPES = {
     "coco": Recipe("coco", "CQDINO", "R50", head=COCO_HEAD, **COCO_12EP),
     "coco_swinl": Recipe("coco", "CQDINO", "swin_l", head=COCO_HEAD, **COCO_12EP),
     "dino_coco": Recipe("coco", "DINO", "R50", **COCO_12EP),
-    # 3.2 epochs at batch 8 (the demo's time budget); the shared schedule's steps at 1/2 and 3/4
+    # 1.6 epochs at batch 8 (the demo's time budget); one step at 0.9 of the run
     "demo": Recipe(
         "synthetic",
         "CQDINO",
         "R18",
-        epochs=3.2,
-        milestone_epochs=(1.6, 2.4),
+        epochs=1.6,
+        milestone_epochs=(1.44,),
         batch=8,
         head=dict(topk=100, relation="tree", selection_loss="asl", force_gt=True),
     ),
     # the DINO baseline at the demo's size (demo.py with the linear head)
-    "demo_dino": Recipe(
-        "synthetic", "DINO", "R18", epochs=3.2, milestone_epochs=(1.6, 2.4), batch=8
-    ),
+    "demo_dino": Recipe("synthetic", "DINO", "R18", epochs=1.6, milestone_epochs=(1.44,), batch=8),
 }
 LIGHT = {"demo", "demo_dino"}  # the others: full-width R50/Swin, 13,204 categories
 
