@@ -12,7 +12,6 @@ import io
 import logging
 import os
 import pickle
-import tempfile
 from typing import Any, Callable
 
 import torch
@@ -20,34 +19,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
+from cqdino.utils.io import atomic_write
+
 __all__ = ["AtomicCheckpointer", "PeriodicCheckpointer", "atomic_write"]
 
 logger = logging.getLogger(__name__)
-
-
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """``write(f)`` into a temporary file next to ``path``, fsync, rename onto ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
