@@ -30,6 +30,8 @@ from detectron2.data.build import filter_images_with_only_crowd_annotations, wor
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cqdino.utils.io import InputError
+
 from .sampler import repeat_factors_from_category_frequency
 
 __all__ = [
@@ -99,10 +101,24 @@ def get_dataset_dicts(
     for name in names:
         d = DatasetCatalog.get(name)
         if not d:
-            raise ValueError(f"dataset {name!r} is empty")
+            raise InputError(f"dataset {name!r} is empty (no images)")
         dicts.extend(d)
     if filter_empty:
+        total = len(dicts)
         dicts = filter_images_with_only_crowd_annotations(dicts)
+        dropped = total - len(dicts)
+        which = " + ".join(names)
+        if not dicts:
+            raise InputError(
+                f"dataset {which}: none of its {total} images has a box (crowd boxes do not "
+                "count); training drops images without boxes (filter_empty=True), so nothing "
+                "is left to train on: check the annotation file's 'annotations'"
+            )
+        if dropped:
+            logger.info(
+                f"dataset {which}: {dropped} of {total} images have no box and are not used "
+                f"for training; {len(dicts)} remain"
+            )
     return dicts
 
 
@@ -295,7 +311,10 @@ def build_train_loader(
             f"of the number of processes ({world})"
         )
     if not len(dataset):
-        raise ValueError("build_train_loader: the training dataset is empty")
+        raise ValueError(
+            "build_train_loader: the training dataset is empty (get_dataset_dicts with "
+            "filter_empty=True drops images without boxes)"
+        )
     repeat = None
     if repeat_threshold:
         repeat = repeat_factors_from_category_frequency(list(dataset), repeat_threshold)
@@ -322,7 +341,7 @@ def dataset_class_names(dataset_name: str, num_classes: int) -> Optional[List[st
     against the model's class count: a mismatch raises, naming both config keys."""
     names = MetadataCatalog.get(dataset_name).get("thing_classes")
     if names is not None and len(names) != num_classes:
-        raise ValueError(
+        raise InputError(
             f"the model has {num_classes} classes (model.class_head.num_categories / "
             f"num_classes) but dataset {dataset_name!r} (dataloader.train.dataset.names) has "
             f"{len(names)} categories"
