@@ -44,7 +44,12 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from cqdino.data.build import DatasetNotFoundError, check_datasets, dataset_class_names
+from cqdino.data.build import (
+    DatasetNotFoundError,
+    check_datasets,
+    dataset_class_names,
+    register_config_datasets,
+)
 from cqdino.data.mapper import RecordError
 from cqdino.engine import (
     AtomicCheckpointer,
@@ -305,6 +310,7 @@ def main(args):
     cfg = load_config(args.config_file, args.opts)
     setup(cfg, args)
     try:
+        register_config_datasets(cfg)  # in every process
         if args.eval_only:
             return do_eval_only(cfg)
         return do_train(args, cfg)
@@ -342,6 +348,7 @@ def preflight(args) -> None:
         raise InputError(f"train.init_checkpoint={init}: no such file")
     if args.eval_only and args.overwrite:
         raise InputError("--overwrite is for training; --eval-only writes no checkpoint")
+    register_config_datasets(cfg)
     check_datasets(_dataset_names(cfg))
     _check_class_counts(cfg)
 

@@ -44,6 +44,7 @@ __all__ = [
     "build_train_loader",
     "build_test_loader",
     "dataset_class_names",
+    "register_config_datasets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -334,6 +335,32 @@ def build_train_loader(
 def build_test_loader(dataset: Sequence[dict], mapper, num_workers: int = 0):
     """detectron2's test loader (batch 1 per rank, every image once over all ranks)."""
     return build_detection_test_loader(dataset, mapper=mapper, num_workers=num_workers)
+
+
+def register_config_datasets(cfg) -> None:
+    """Register the datasets a LazyConfig gives by path (``dataloader.{train,test}.dataset``
+    nodes with ``names``, ``json_file`` and ``image_root``, e.g. ``configs/custom_coco.py``),
+    so their names resolve before anything is instantiated. A path left unset or not found is
+    an :class:`~cqdino.utils.io.InputError` naming the key."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from .datasets import register_coco_json
+
+    for split in ("train", "test"):
+        key = f"dataloader.{split}.dataset"
+        node = OmegaConf.select(cfg, key, default=None)
+        if not isinstance(node, DictConfig) or not {"names", "json_file", "image_root"} <= set(
+            node.keys()
+        ):
+            continue
+        for k in ("json_file", "image_root"):
+            if OmegaConf.is_missing(node, k) or not node[k]:
+                raise InputError(f"{key}.{k} is not set: give it as an override ({key}.{k}=...)")
+        if not os.path.isfile(node.json_file):
+            raise InputError(f"{key}.json_file={node.json_file}: no such file")
+        if not os.path.isdir(node.image_root):
+            raise InputError(f"{key}.image_root={node.image_root}: no such folder")
+        register_coco_json(node.names, node.json_file, node.image_root)
 
 
 def dataset_class_names(dataset_name: str, num_classes: int) -> Optional[List[str]]:
