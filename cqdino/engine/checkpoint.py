@@ -73,8 +73,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.extra = dict(extra or {})
         if self.save_to_disk and save_dir:
-            for stale in glob.glob(os.path.join(save_dir, ".*.tmp")):  # from a killed run
-                os.remove(stale)
+            # temporary files of a killed run (only ours: ".model_*.pth.*.tmp" and
+            # ".last_checkpoint.*.tmp"; other hidden files in the folder are the user's)
+            for pattern in (".model_*.pth.*.tmp", ".last_checkpoint.*.tmp"):
+                for stale in glob.glob(os.path.join(save_dir, pattern)):
+                    os.remove(stale)
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:

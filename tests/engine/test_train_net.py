@@ -209,6 +209,7 @@ def test_ddp_two_cpu_processes_match_one(tiny_datasets, tmp_path):
 def test_eval_only_prints_the_ap_table(reference_run, tiny_datasets, tmp_path):
     ref_dir, _ = reference_run
     ckpt = ref_dir / "model_final.pth"
+    (tmp_path / "config.yaml").write_text("the training run's config\n")
     proc = _ok(
         run_train_net(
             tiny_datasets, ["--eval-only"] + _args(tmp_path, f"train.init_checkpoint={ckpt}")
@@ -218,6 +219,9 @@ def test_eval_only_prints_the_ap_table(reference_run, tiny_datasets, tmp_path):
     assert "Evaluation results" in text
     for key in ("AP", "AP50", "APr", "APc", "APf"):
         assert f"| {key}" in text or f" {key} " in text, key
+    # evaluating into a run's folder keeps the run's config.yaml
+    assert (tmp_path / "config.yaml").read_text() == "the training run's config\n"
+    assert (tmp_path / "config_eval.yaml").is_file()
 
 
 def test_missing_dataset_is_one_clear_message(tmp_path):

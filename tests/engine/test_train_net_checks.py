@@ -252,3 +252,13 @@ def test_help_is_quiet():
     )
     assert proc.returncode == 0 and "--overwrite" in proc.stdout
     assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_checkpointer_removes_only_its_own_temporary_files(tmp_path):
+    """A killed run's temporary checkpoint files are removed at the next start; a user's
+    hidden ``.tmp`` files in the output folder are not."""
+    (tmp_path / ".notes.tmp").write_text("mine")
+    (tmp_path / ".model_0000007.pth.x1y2.tmp").write_bytes(b"partial")
+    (tmp_path / ".last_checkpoint.z3.tmp").write_text("model_0000007.pth")
+    AtomicCheckpointer(torch.nn.Linear(2, 2), str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp"]
