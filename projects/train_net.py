@@ -261,7 +261,8 @@ def do_eval_only(cfg):
     extra = (
         load_weights_strict(model, cfg.train.init_checkpoint) if cfg.train.init_checkpoint else {}
     )
-    logger.info(f"Loaded {cfg.train.init_checkpoint} (all {len(model.state_dict())} tensors)")
+    if cfg.train.init_checkpoint:
+        logger.info(f"Loaded {cfg.train.init_checkpoint} (all {len(model.state_dict())} tensors)")
     model.to(device)
     ema = None
     ema_state = (extra.get("trainer") or {}).get("ema") if isinstance(extra, dict) else None
@@ -330,27 +331,28 @@ def preflight(args) -> None:
     check_output_dir(out, "train.output_dir")
     run = _existing_run(out) if os.path.isdir(out) else []
     resuming = args.resume and os.path.isfile(os.path.join(out, "last_checkpoint"))
-    if run and not (args.resume or args.eval_only):
-        if not args.overwrite:
-            raise InputError(
-                f"train.output_dir={out} already holds a run ({', '.join(run[:4])}): add "
-                "--resume to continue it, choose another train.output_dir=..., or add "
-                "--overwrite to replace it"
-            )
-        for name in ("last_checkpoint", "metrics.json"):  # the new run's, not a mix of two
-            if os.path.isfile(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-        logger.warning(f"--overwrite: replacing the run in {out}")
+    if args.eval_only and args.overwrite:
+        raise InputError("--overwrite is for training; --eval-only writes no checkpoint")
+    replace = bool(run) and not (args.resume or args.eval_only)
+    if replace and not args.overwrite:
+        raise InputError(
+            f"train.output_dir={out} already holds a run ({', '.join(run[:4])}): add "
+            "--resume to continue it, choose another train.output_dir=..., or add "
+            "--overwrite to replace it"
+        )
     if resuming:
         check_resumable(out)
     init = cfg.train.init_checkpoint
     if init and not resuming and not os.path.isfile(init):
         raise InputError(f"train.init_checkpoint={init}: no such file")
-    if args.eval_only and args.overwrite:
-        raise InputError("--overwrite is for training; --eval-only writes no checkpoint")
     register_config_datasets(cfg)
     check_datasets(_dataset_names(cfg))
     _check_class_counts(cfg)
+    if replace:  # every check passed: only now is anything of the old run removed
+        for name in ("last_checkpoint", "metrics.json"):  # the new run's, not a mix of two
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        logger.warning(f"--overwrite: replacing the run in {out}")
 
 
 _OVERRIDE = re.compile(r"^\+?[A-Za-z_][\w]*(\.[\w]+)*=")
