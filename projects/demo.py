@@ -8,8 +8,11 @@ The model is ``cfg.model`` with the weights of ``train.init_checkpoint`` (the EM
 ``train.ema`` is enabled and the checkpoint holds them, as ``train_net.py --eval-only`` does).
 Images are read in ``model.input_format`` and resized as ``cfg.dataloader.test.mapper`` resizes
 (shortest side ``test_size``, longest side <= ``max_size``); boxes are reported in the input
-image's pixels. Category names are the ``thing_classes`` of the training dataset
-(``dataloader.train.dataset.names``). Device: ``train.device`` (the CPU when CUDA is absent).
+image's pixels. The checkpoint must fit the config exactly (every tensor, same shapes), or
+nothing is drawn. Category names are those saved with the model (``class_names`` in checkpoints
+of ``projects/train_net.py``), else the ``thing_classes`` of the training dataset
+(``dataloader.train.dataset.names``); the log and ``detections.json`` say which. Device:
+``train.device`` (the CPU when CUDA is absent). 16-bit images are scaled to 8 bit.
 
 A directory is expanded to the image files directly inside it (.jpg .jpeg .png .bmp .webp).
 Outputs in ``--output``: ``<stem>.jpg`` per image (boxes and names drawn; ``<stem>_1.jpg`` ...
@@ -23,7 +26,11 @@ when stems repeat) and ``detections.json``::
 
 ``category_id`` is the contiguous id (0 .. C-1, the model's class index). Unreadable inputs
 (missing, not an image, corrupt) are logged, listed under ``errors`` and skipped. Exit status 0
-when at least one image was processed, else 1. Every file is written atomically.
+when at least one image was processed, else 1. Every file is written atomically. ``--output``
+must not be the folder of an input image (a drawn image would replace it), and bad overrides, a
+checkpoint of another config or an unwritable ``--output`` stop the tool with one line before
+any image is read. The tool never generates a dataset (the synthetic vocabulary is looked for
+under ``$DETECTRON2_DATASETS``, as in training).
 """
 
 import argparse
@@ -36,19 +43,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from cqdino.utils import quiet_imports  # noqa: F401  (before detectron2: see its docstring)
+
+# isort: split
+
 import cv2
 import numpy as np
 import torch
-from detectron2.config import LazyConfig, instantiate
-from detectron2.data import detection_utils as utils
+from detectron2.config import instantiate
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 
 from cqdino.data import DetrDatasetMapper
-from cqdino.data.build import dataset_class_names
-from cqdino.engine import AtomicCheckpointer, atomic_write
+from cqdino.data.build import register_config_datasets
+from cqdino.data.datasets import generation_disabled
+from cqdino.data.mapper import read_image
+from cqdino.engine import atomic_write, load_weights_strict
+from cqdino.engine.config_check import load_config, validate_config
+from cqdino.utils.io import InputError, check_not_inputs, check_output_dir
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -79,14 +94,16 @@ class Predictor:
     input_format: str  # channel order the model expects ("BGR" / "RGB")
     class_names: List[str]  # contiguous id -> name
     device: torch.device
+    class_names_source: str = ""  # where the names came from (logged, in detections.json)
 
 
 def setup_cfg(config_file: str, opts: Sequence[str] = ()):
-    """The LazyConfig ``config_file`` with detectron2-style ``key=value`` overrides."""
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file!r}: no such file")
-    cfg = LazyConfig.load(config_file)
-    return LazyConfig.apply_overrides(cfg, list(opts))
+    """The LazyConfig ``config_file`` with detectron2-style ``key=value`` overrides (an
+    unknown key or a bad value is an :class:`~cqdino.utils.io.InputError`)."""
+    cfg = load_config(config_file, list(opts))
+    validate_config(cfg)
+    register_config_datasets(cfg)  # datasets given by path (configs/custom_coco.py)
+    return cfg
 
 
 def _device(cfg) -> torch.device:
@@ -110,30 +127,55 @@ def _test_augmentations(cfg) -> List[T.Augmentation]:
     return list(mapper.augmentation)
 
 
-def _class_names(cfg, num_classes: Optional[int]) -> List[str]:
-    """``thing_classes`` of the first training dataset; ``class <i>`` when it has none."""
-    names = None
+def _class_names(cfg, num_classes: int, checkpoint: Optional[dict] = None) -> Tuple[List[str], str]:
+    """(names, where they came from): the ``class_names`` saved in the checkpoint; else the
+    ``thing_classes`` of the first training dataset (loaded once if its registration is lazy);
+    else ``class <i>``."""
+    saved = (checkpoint or {}).get("class_names")
+    ckpt = cfg.train.get("init_checkpoint", "") if "train" in cfg else ""
+    if saved is not None:
+        if len(saved) != num_classes:
+            raise InputError(
+                f"the checkpoint {ckpt} names {len(saved)} classes but the model has "
+                f"{num_classes}: use the config it was trained with"
+            )
+        return list(saved), f"the checkpoint {ckpt}"
     dataset = cfg.dataloader.train.get("dataset") if "dataloader" in cfg else None
-    if dataset is not None and "names" in dataset:
+    name = None
+    if dataset is not None and "names" in dataset and dataset.names:
         value = dataset.names
         name = value if isinstance(value, str) else list(value)[0]
-        names = dataset_class_names(name, num_classes)
-    if names is None:
-        logger.warning("no thing_classes in the training dataset's metadata: classes are numbered")
-        names = [f"class {i}" for i in range(num_classes or 0)]
-    return list(names)
+    names = None
+    if name is not None and name in DatasetCatalog.list():
+        names = MetadataCatalog.get(name).get("thing_classes")
+        if names is None:
+            try:  # a lazy registration (register_coco_instances) sets them when loaded
+                DatasetCatalog.get(name)
+                names = MetadataCatalog.get(name).get("thing_classes")
+            except Exception as e:
+                logger.warning(f"cannot load dataset {name!r} for its class names: {e}")
+    if names is not None and len(names) == num_classes:
+        return list(names), f"the metadata of dataset {name!r} (the checkpoint holds none)"
+    why = (
+        f"dataset {name!r} has {len(names)} classes, the model {num_classes}"
+        if names is not None
+        else "the checkpoint holds none and no training dataset has thing_classes"
+    )
+    return [f"class {i}" for i in range(num_classes)], f"numbered ({why})"
 
 
 def load_predictor(cfg) -> Predictor:
     """Build ``cfg.model``, load ``train.init_checkpoint`` (weights only) and put it in eval
     mode on ``train.device`` (the CPU when CUDA is not available)."""
     device = _device(cfg)
-    model = instantiate(cfg.model)
     checkpoint = cfg.train.get("init_checkpoint", "") if "train" in cfg else ""
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise InputError(f"train.init_checkpoint={checkpoint}: no such file")
+    with generation_disabled():  # inference never creates a dataset (e.g. for its tree)
+        model = instantiate(cfg.model)
+    extra = {}
     if checkpoint:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"train.init_checkpoint={checkpoint!r}: no such file")
-        extra = AtomicCheckpointer(model).load(checkpoint, checkpointables=[])
+        extra = load_weights_strict(model, checkpoint)  # all tensors, same shapes
         ema_state = (extra.get("trainer") or {}).get("ema") if isinstance(extra, dict) else None
         ema_cfg = cfg.train.get("ema", {})
         if (
@@ -148,12 +190,15 @@ def load_predictor(cfg) -> Predictor:
     model.to(device).eval()
     num_classes = model.class_head.num_classes
     input_format = getattr(model, "input_format", "BGR")
+    class_names, source = _class_names(cfg, num_classes, extra)
+    (logger.warning if source.startswith("numbered") else logger.info)(f"category names: {source}")
     return Predictor(
         model=model,
         augmentations=_test_augmentations(cfg),
         input_format=input_format,
-        class_names=_class_names(cfg, num_classes),
+        class_names=class_names,
         device=device,
+        class_names_source=source,
     )
 
 
@@ -165,7 +210,7 @@ def read_input(path: str, image_format: str = "BGR") -> np.ndarray:
     if not os.path.isfile(path):
         raise OSError("not a regular file")
     try:
-        image = utils.read_image(path, format=image_format)
+        image = read_image(path, format=image_format)  # 16-bit images scaled to 8 bit
     except Exception as e:  # PIL raises many types for corrupt or foreign files
         raise OSError(f"not a readable image ({type(e).__name__}: {e})") from e
     if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) == 0:
@@ -292,6 +337,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def check_output(output: str, files: Sequence[str]) -> List[str]:
+    """The output name of each input file (``<stem>.jpg``, ``<stem>_1.jpg`` ... when stems
+    repeat), after checking that ``--output`` can be written and that no output replaces an
+    input: the folder of an input image is refused as ``--output``."""
+    check_output_dir(output, "--output")
+    out_real = os.path.realpath(output)
+    for f in files:
+        if os.path.dirname(os.path.realpath(f)) == out_real:
+            raise InputError(
+                f"--output {output} is the folder of the input image {f}: the drawn images "
+                "would be written among (and over) the inputs; choose another --output"
+            )
+    used: set = set()
+    names = [_output_name(Path(f).stem, used) for f in files]
+    outputs = [os.path.join(output, n) for n in names + ["detections.json"]]
+    check_not_inputs(outputs, files, "--output", "choose another --output")
+    return names
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -299,15 +363,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for e in errors:
         logger.warning(f"skipping {e['file']}: {e['reason']}")
     try:
+        output_names = check_output(args.output, files)  # before any model is built
         cfg = setup_cfg(args.config_file, args.opts)
         predictor = load_predictor(cfg)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-        logger.error(str(e))
+        logger.error(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
         return 1
 
     os.makedirs(args.output, exist_ok=True)
-    images, used = [], set()
-    for i, path in enumerate(files):
+    images = []
+    for i, (path, name) in enumerate(zip(files, output_names)):
         try:
             image = read_input(path, predictor.input_format)
         except (OSError, ValueError) as e:
@@ -315,7 +380,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             errors.append({"file": path, "reason": str(e)})
             continue
         instances = predict(predictor, image, args.confidence)
-        name = _output_name(Path(path).stem, used)
         _write_jpg(
             os.path.join(args.output, name),
             draw(image, instances, predictor.class_names, predictor.input_format),
@@ -335,6 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "config": args.config_file,
         "checkpoint": cfg.train.get("init_checkpoint", "") if "train" in cfg else "",
         "confidence": args.confidence,
+        "class_names_source": predictor.class_names_source,
         "images": images,
         "errors": errors,
     }

@@ -5,7 +5,8 @@
     python projects/train_net.py --config-file configs/v3det.py --num-gpus 8 --resume
     python projects/train_net.py --config-file configs/v3det.py --eval-only \\
         train.init_checkpoint=output/v3det/model_final.pth
-    python projects/train_net.py --config-file configs/demo.py train.max_iter=100   # overrides
+    python projects/train_net.py --config-file configs/demo.py train.max_iter=100 \\
+        train.output_dir=output/demo_short                                        # overrides
 
 Multi-GPU training runs through detectron2's ``launch`` (DDP, NCCL). Without CUDA,
 ``--num-gpus N`` runs N CPU processes over gloo. ``train.*`` keys (configs/common/train.py):
@@ -14,31 +15,57 @@ bf16/fp16), ``clip_grad``, ``ema``, ``ddp``, ``checkpointer``, ``eval_period``, 
 Outputs in ``train.output_dir``: config.yaml, log.txt, metrics.json, TensorBoard events,
 ``model_*.pth`` (written atomically) and ``last_checkpoint``; ``--resume`` continues from it at
 the same iteration, LR, optimizer/scaler/EMA state, RNG state and data position.
+
+Nothing is lost and nothing is silently wrong: an override must name a key the config has (or an
+argument of its callable), values are checked before the model is built, a folder that already
+holds a run is refused unless ``--resume`` (continue it) or ``--overwrite`` (replace it) is
+given, evaluation loads checkpoints strictly, and every such error is one line.
 """
 
+import argparse
+import glob
+import json
 import logging
 import os
+import re
 import sys
 from contextlib import nullcontext
+from typing import List, Optional
+
+from cqdino.utils import quiet_imports  # noqa: F401  (before detectron2: see its docstring)
+
+# isort: split
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
+from detectron2.engine import default_argument_parser, default_writers, hooks
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from cqdino.data.build import DatasetNotFoundError, check_datasets, dataset_class_names
+from cqdino.data.build import (
+    DatasetNotFoundError,
+    check_datasets,
+    dataset_class_names,
+    register_config_datasets,
+)
+from cqdino.data.mapper import RecordError
 from cqdino.engine import (
     AtomicCheckpointer,
     ModelEMA,
     PeriodicCheckpointer,
     Trainer,
+    atomic_write,
+    check_resumable,
     format_results,
     inference_on_dataset,
     launch,
+    load_weights_strict,
     unwrap_model,
 )
+from cqdino.engine.config_check import config_num_classes, load_config, validate_config
+from cqdino.utils.io import InputError, check_output_dir
 
 logger = logging.getLogger("cqdino.train_net")
 
@@ -62,10 +89,77 @@ def _dataset_names(cfg):
     return names
 
 
-def _check_num_classes(cfg, model) -> None:
-    """The model's class count must match the training dataset's categories."""
+def _check_num_classes(cfg, model) -> Optional[List[str]]:
+    """The model's class count must match the training dataset's categories; returns the
+    dataset's class names (None when its metadata has none)."""
     names = cfg.dataloader.train.dataset.names
-    dataset_class_names(names if isinstance(names, str) else names[0], model.class_head.num_classes)
+    return dataset_class_names(
+        names if isinstance(names, str) else names[0], model.class_head.num_classes
+    )
+
+
+def _check_class_counts(cfg) -> None:
+    """Before building anything: the model's class count (``model.class_head.*``), the
+    mappers' ``num_classes`` and the registered datasets' categories agree."""
+    num = config_num_classes(cfg)
+    if num is None:
+        return
+    for split in ("train", "test"):
+        key = f"dataloader.{split}.mapper.num_classes"
+        try:
+            value = cfg.dataloader[split].mapper.num_classes
+        except (KeyError, AttributeError, TypeError, ValueError):
+            continue
+        if isinstance(value, int) and value != num:
+            raise InputError(
+                f"{key}={value} but the model has {num} classes "
+                "(model.class_head.num_categories / num_classes): set both to the same value"
+            )
+    from detectron2.data import DatasetCatalog
+
+    for name in _dataset_names(cfg):
+        if name in DatasetCatalog.list():
+            dataset_class_names(name, num)
+
+
+# Files that mark a folder as holding a run (train_net writes them; log.txt and config.yaml
+# alone are what a run that stopped at an error leaves).
+_RUN_FILES = ("last_checkpoint", "metrics.json", "model_final.pth")
+
+
+def _existing_run(output_dir: str) -> List[str]:
+    found = [f for f in _RUN_FILES if os.path.isfile(os.path.join(output_dir, f))]
+    found += sorted(
+        os.path.basename(p) for p in glob.glob(os.path.join(output_dir, "model_[0-9]*.pth"))
+    )
+    return found
+
+
+def _drop_metrics_from(output_dir: str, start_iter: int) -> None:
+    """Resuming at ``start_iter``: drop the training rows of iterations >= ``start_iter`` from
+    metrics.json (a run interrupted after its last checkpoint, e.g. by Ctrl-C, wrote them; they
+    are computed again), so every iteration has one row."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        it = rec.get("iteration", -1) if isinstance(rec, dict) else -1
+        # kept: earlier iterations, and the final evaluation of the run resumed from (logged
+        # at iteration max_iter = start_iter, without training losses)
+        if it < start_iter or (it == start_iter and "total_loss" not in rec):
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        atomic_write(path, lambda f: f.writelines(keep), mode="w")
+        logger.info(
+            f"metrics.json: dropped {len(lines) - len(keep)} rows of iterations >= {start_iter}"
+        )
 
 
 def do_test(cfg, model, ema=None):
@@ -100,7 +194,7 @@ def do_train(args, cfg):
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
-    _check_num_classes(cfg, model)
+    class_names = _check_num_classes(cfg, model)
 
     if comm.get_world_size() > 1:
         ddp = cfg.train.get("ddp", {})
@@ -126,7 +220,10 @@ def do_train(args, cfg):
         clip_grad_norm_type=clip.get("norm_type", 2.0),
         ema=ema,
     )
-    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    # the class names travel with the weights (projects/demo.py names detections from them)
+    extra = {"class_names": class_names} if class_names is not None else {}
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, extra=extra, trainer=trainer)
+    writers = []  # filled after resuming (metrics.json is trimmed first)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -134,10 +231,7 @@ def do_train(args, cfg):
             PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer),
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, ema)),
             (
-                hooks.PeriodicWriter(
-                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                    period=cfg.train.get("log_period", 20),
-                )
+                hooks.PeriodicWriter(writers, period=cfg.train.get("log_period", 20))
                 if comm.is_main_process()
                 else None
             ),
@@ -145,6 +239,10 @@ def do_train(args, cfg):
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    if comm.is_main_process():
+        if start_iter:
+            _drop_metrics_from(cfg.train.output_dir, start_iter)
+        writers.extend(default_writers(cfg.train.output_dir, cfg.train.max_iter))
     if start_iter >= cfg.train.max_iter:
         logger.info(f"Nothing to do: the checkpoint is at iteration {start_iter} >= max_iter")
         return
@@ -155,11 +253,17 @@ def do_train(args, cfg):
 
 def do_eval_only(cfg):
     device = _device(cfg)
-    model = instantiate(cfg.model).to(device)
+    model = instantiate(cfg.model)
     if not cfg.train.init_checkpoint:
         logger.warning("--eval-only without train.init_checkpoint: evaluating untrained weights")
-    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir)
-    extra = checkpointer.load(cfg.train.init_checkpoint) if cfg.train.init_checkpoint else {}
+    # strict: every tensor of the model, of the same shape (a checkpoint of another config is
+    # an error, not an AP table of a half-initialised model)
+    extra = (
+        load_weights_strict(model, cfg.train.init_checkpoint) if cfg.train.init_checkpoint else {}
+    )
+    if cfg.train.init_checkpoint:
+        logger.info(f"Loaded {cfg.train.init_checkpoint} (all {len(model.state_dict())} tensors)")
+    model.to(device)
     ema = None
     ema_state = (extra.get("trainer") or {}).get("ema") if isinstance(extra, dict) else None
     if _build_ema(cfg, model) is not None and ema_state is not None:
@@ -168,38 +272,127 @@ def do_eval_only(cfg):
     return do_test(cfg, model, ema)
 
 
+def setup(cfg, args) -> None:
+    """detectron2's ``default_setup`` without its side effects on the run folder: loggers
+    (``log.txt`` without colour codes), the environment (``python -m cqdino.env``, which does
+    not import ``torch.utils.cpp_extension`` and its CUDA_HOME guess), the config saved
+    atomically as ``config.yaml`` (``--eval-only`` into a run's folder writes
+    ``config_eval.yaml`` and leaves the run's own config alone), and the seeds."""
+    from cqdino.env import collect_env
+
+    output_dir = cfg.train.output_dir
+    rank = comm.get_rank()
+    if comm.is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+    for name in ("fvcore", "detectron2", "cqdino"):
+        setup_logger(output_dir, distributed_rank=rank, name=name)
+    logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
+    logger.info("Environment:\n" + "\n".join(f"{k:<20} {v}" for k, v in collect_env()))
+    logger.info(f"Command line arguments: {args}")
+    with open(args.config_file) as f:
+        logger.info(f"Contents of {args.config_file}:\n{f.read()}")
+    if comm.is_main_process():
+        path = os.path.join(output_dir, "config.yaml")
+        if args.eval_only and os.path.exists(path):
+            path = os.path.join(output_dir, "config_eval.yaml")
+        tmp = os.path.join(output_dir, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        LazyConfig.save(cfg, tmp)
+        os.replace(tmp, path)
+        logger.info(f"Full config saved to {path}")
+    seed = cfg.train.get("seed", -1)
+    seed_all_rng(None if seed is None or seed < 0 else seed + rank)
+
+
+# Errors a user can fix from the message alone: logged as one line, exit status 1.
+USER_ERRORS = (DatasetNotFoundError, FloatingPointError, InputError, RecordError)
+
+
 def main(args):
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    default_setup(cfg, args)
-    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="cqdino")
+    cfg = load_config(args.config_file, args.opts)
+    setup(cfg, args)
     try:
+        register_config_datasets(cfg)  # in every process
         if args.eval_only:
             return do_eval_only(cfg)
         return do_train(args, cfg)
-    except (DatasetNotFoundError, FloatingPointError) as e:
+    except USER_ERRORS as e:
         logger.error(str(e))
         raise SystemExit(1) from None
 
 
 def preflight(args) -> None:
-    """Before starting processes: the config loads and its datasets exist (the synthetic
-    vocabulary is generated here, once, rather than by every process)."""
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    """Before starting processes and building anything, each problem one line: the config and
+    its overrides (keys and values), the output folder (writable; not a previous run unless
+    ``--resume`` or ``--overwrite``), the checkpoints named, the datasets (the synthetic
+    vocabulary is generated here, once, rather than by every process) and the class counts."""
+    cfg = load_config(args.config_file, args.opts)
+    validate_config(cfg)
+    out = cfg.train.output_dir
+    check_output_dir(out, "train.output_dir")
+    run = _existing_run(out) if os.path.isdir(out) else []
+    resuming = args.resume and os.path.isfile(os.path.join(out, "last_checkpoint"))
+    if args.eval_only and args.overwrite:
+        raise InputError("--overwrite is for training; --eval-only writes no checkpoint")
+    replace = bool(run) and not (args.resume or args.eval_only)
+    if replace and not args.overwrite:
+        raise InputError(
+            f"train.output_dir={out} already holds a run ({', '.join(run[:4])}): add "
+            "--resume to continue it, choose another train.output_dir=..., or add "
+            "--overwrite to replace it"
+        )
+    if resuming:
+        check_resumable(out)
+    init = cfg.train.init_checkpoint
+    if init and not resuming and not os.path.isfile(init):
+        raise InputError(f"train.init_checkpoint={init}: no such file")
+    register_config_datasets(cfg)
     check_datasets(_dataset_names(cfg))
+    _check_class_counts(cfg)
+    if replace:  # every check passed: only now is anything of the old run removed
+        for name in ("last_checkpoint", "metrics.json"):  # the new run's, not a mix of two
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        logger.warning(f"--overwrite: replacing the run in {out}")
+
+
+_OVERRIDE = re.compile(r"^\+?[A-Za-z_][\w]*(\.[\w]+)*=")
+
+
+def _options_first(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:
+    """``... key=value --resume``: argparse hands everything after the first override to
+    ``opts``; move the overrides behind the options (an option's own value stays with it)."""
+    takes_value = {
+        s for a in parser._actions if a.nargs != 0 and a.option_strings for s in a.option_strings
+    }
+    options, overrides = [], []
+    for i, item in enumerate(argv):
+        after_option = i > 0 and argv[i - 1] in takes_value
+        (overrides if _OVERRIDE.match(item) and not after_option else options).append(item)
+    return options + overrides
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = default_argument_parser(epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into a train.output_dir that holds a previous run, replacing it",
+    )
+    default_url = parser.get_default("dist_url")
+    args = parser.parse_args(_options_first(parser, list(sys.argv[1:] if argv is None else argv)))
+    # detectron2's default port is fixed per user: a second run on the machine would die
+    # with EADDRINUSE; on one machine, pick a free port instead.
+    if args.dist_url == default_url and args.num_machines == 1:
+        args.dist_url = "auto"
+    return args
 
 
 def cli(argv=None):
-    args = default_argument_parser(
-        epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None
-    ).parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not os.path.isfile(args.config_file):
-        sys.exit(f"--config-file {args.config_file!r}: no such file")
     try:
         preflight(args)
-    except DatasetNotFoundError as e:
+    except USER_ERRORS as e:
         sys.exit(f"error: {e}")
     try:
         launch(

@@ -70,7 +70,8 @@ def train_and_eval(head: str, root: Path, out: Path, overrides: List[str], threa
     else:
         env = {**os.environ, "DETECTRON2_DATASETS": str(root), "OMP_NUM_THREADS": str(threads)}
         cmd = [sys.executable, str(ROOT / "projects" / "train_net.py"), "--config-file"]
-        cmd += [str(HEADS[head]), *overrides, f"train.output_dir={out}"]
+        # --overwrite: an unfinished earlier run of this tool in its own work folder
+        cmd += [str(HEADS[head]), "--overwrite", *overrides, f"train.output_dir={out}"]
         with open(out.parent / f"{out.name}.stdout.txt", "w") as log:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
@@ -93,13 +94,13 @@ def selector_recall(root: Path, out: Path, overrides: List[str]) -> float:
     from detectron2.data import DatasetCatalog
 
     from cqdino.data import register_synthetic_vocab
-    from cqdino.engine import AtomicCheckpointer
+    from cqdino.engine import load_weights_strict
 
     register_synthetic_vocab(str(root))
     cfg = LazyConfig.apply_overrides(LazyConfig.load(str(HEADS["CQ-DINO"])), overrides)
     cfg.train.init_checkpoint = str(out / "model_final.pth")
     model = instantiate(cfg.model).eval()
-    AtomicCheckpointer(model).load(cfg.train.init_checkpoint)
+    load_weights_strict(model, cfg.train.init_checkpoint)
     name = cfg.dataloader.test.dataset.names
     gt = {  # dataset dicts hold contiguous category ids, as the selector's indices
         d["image_id"]: {a["category_id"] for a in d.get("annotations", [])}

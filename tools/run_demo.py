@@ -184,6 +184,12 @@ def main(argv=None) -> int:
         action="store_true",
         help=f"do not evaluate on {RENDERING} (the val split rendered with another image seed)",
     )
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous run in a train.output_dir given as an override (the default "
+        "output/demo is always replaced)",
+    )
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = ap.parse_args(argv)
     if args.num_gpus is None:
@@ -191,7 +197,7 @@ def main(argv=None) -> int:
 
         n = torch.cuda.device_count()
         args.num_gpus = n if n > 0 else min(2, os.cpu_count() or 1)
-    output_dir = ROOT / "output" / "demo"
+    default_output = output_dir = ROOT / "output" / "demo"
     overrides = list(args.opts)
     for o in overrides:
         if o.startswith("train.output_dir="):
@@ -203,7 +209,10 @@ def main(argv=None) -> int:
     gen_time = generate_data()
     if not args.skip_train:
         cmd = [sys.executable, str(ROOT / "projects" / "train_net.py"), "--config-file"]
-        cmd += [str(CONFIG), "--num-gpus", str(args.num_gpus), *overrides]
+        cmd += [str(CONFIG), "--num-gpus", str(args.num_gpus)]
+        if output_dir == default_output or args.overwrite:
+            cmd.append("--overwrite")  # the demo's own folder: a new `make demo` replaces it
+        cmd += overrides
         print("[demo] " + " ".join(cmd), flush=True)
         proc = subprocess.run(cmd, cwd=ROOT)
         if proc.returncode != 0:

@@ -7,9 +7,12 @@ Importing this package registers ``v3det_{train,val}`` and ``synthetic_vocab_{tr
 from . import synthetic
 from .datasets import (
     category_tree_file,
+    coco_json_dataset,
+    coco_json_num_categories,
     image_counts_from_json,
     load_detection_json,
     read_category_names,
+    register_coco_json,
     register_synthetic_vocab,
     register_v3det,
 )
@@ -27,9 +30,12 @@ __all__ = [
     "RecordError",
     "build_repeat_factor_sampler",
     "category_tree_file",
+    "coco_json_dataset",
+    "coco_json_num_categories",
     "image_counts_from_json",
     "load_detection_json",
     "read_category_names",
+    "register_coco_json",
     "register_synthetic_vocab",
     "register_v3det",
     "repeat_factors_from_category_frequency",

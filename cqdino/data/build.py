@@ -30,6 +30,8 @@ from detectron2.data.build import filter_images_with_only_crowd_annotations, wor
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cqdino.utils.io import InputError
+
 from .sampler import repeat_factors_from_category_frequency
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "build_train_loader",
     "build_test_loader",
     "dataset_class_names",
+    "register_config_datasets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,10 +102,24 @@ def get_dataset_dicts(
     for name in names:
         d = DatasetCatalog.get(name)
         if not d:
-            raise ValueError(f"dataset {name!r} is empty")
+            raise InputError(f"dataset {name!r} is empty (no images)")
         dicts.extend(d)
     if filter_empty:
+        total = len(dicts)
         dicts = filter_images_with_only_crowd_annotations(dicts)
+        dropped = total - len(dicts)
+        which = " + ".join(names)
+        if not dicts:
+            raise InputError(
+                f"dataset {which}: none of its {total} images has a box (crowd boxes do not "
+                "count); training drops images without boxes (filter_empty=True), so nothing "
+                "is left to train on: check the annotation file's 'annotations'"
+            )
+        if dropped:
+            logger.info(
+                f"dataset {which}: {dropped} of {total} images have no box and are not used "
+                f"for training; {len(dicts)} remain"
+            )
     return dicts
 
 
@@ -295,7 +312,10 @@ def build_train_loader(
             f"of the number of processes ({world})"
         )
     if not len(dataset):
-        raise ValueError("build_train_loader: the training dataset is empty")
+        raise ValueError(
+            "build_train_loader: the training dataset is empty (get_dataset_dicts with "
+            "filter_empty=True drops images without boxes)"
+        )
     repeat = None
     if repeat_threshold:
         repeat = repeat_factors_from_category_frequency(list(dataset), repeat_threshold)
@@ -317,12 +337,38 @@ def build_test_loader(dataset: Sequence[dict], mapper, num_workers: int = 0):
     return build_detection_test_loader(dataset, mapper=mapper, num_workers=num_workers)
 
 
+def register_config_datasets(cfg) -> None:
+    """Register the datasets a LazyConfig gives by path (``dataloader.{train,test}.dataset``
+    nodes with ``names``, ``json_file`` and ``image_root``, e.g. ``configs/custom_coco.py``),
+    so their names resolve before anything is instantiated. A path left unset or not found is
+    an :class:`~cqdino.utils.io.InputError` naming the key."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from .datasets import register_coco_json
+
+    for split in ("train", "test"):
+        key = f"dataloader.{split}.dataset"
+        node = OmegaConf.select(cfg, key, default=None)
+        if not isinstance(node, DictConfig) or not {"names", "json_file", "image_root"} <= set(
+            node.keys()
+        ):
+            continue
+        for k in ("json_file", "image_root"):
+            if OmegaConf.is_missing(node, k) or not node[k]:
+                raise InputError(f"{key}.{k} is not set: give it as an override ({key}.{k}=...)")
+        if not os.path.isfile(node.json_file):
+            raise InputError(f"{key}.json_file={node.json_file}: no such file")
+        if not os.path.isdir(node.image_root):
+            raise InputError(f"{key}.image_root={node.image_root}: no such folder")
+        register_coco_json(node.names, node.json_file, node.image_root)
+
+
 def dataset_class_names(dataset_name: str, num_classes: int) -> Optional[List[str]]:
     """``thing_classes`` of a registered dataset (None if its metadata has none), checked
     against the model's class count: a mismatch raises, naming both config keys."""
     names = MetadataCatalog.get(dataset_name).get("thing_classes")
     if names is not None and len(names) != num_classes:
-        raise ValueError(
+        raise InputError(
             f"the model has {num_classes} classes (model.class_head.num_categories / "
             f"num_classes) but dataset {dataset_name!r} (dataloader.train.dataset.names) has "
             f"{len(names)} categories"

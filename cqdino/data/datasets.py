@@ -11,6 +11,9 @@ Roots come from ``$DETECTRON2_DATASETS`` (default ``./datasets``)::
     $DETECTRON2_DATASETS/synthetic_vocab_val_img1/...   (the same vocabulary's val split rendered
                                                          with image seed 1; on first use)
 
+Your own COCO-format data needs no Python: :func:`coco_json_dataset` registers a json and its
+image folder under a name when a config is instantiated (``configs/custom_coco.py``).
+
 The loader reads the json once with the standard library and builds detectron2 dataset dicts
 directly (no COCO API index, no per-annotation copies beyond the dicts detectron2 needs).
 """
@@ -19,7 +22,8 @@ import json
 import logging
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -34,7 +38,11 @@ __all__ = [
     "register_v3det",
     "register_synthetic_vocab",
     "register_synthetic_rendering",
+    "register_coco_json",
+    "coco_json_dataset",
+    "coco_json_num_categories",
     "category_tree_file",
+    "generation_disabled",
     "V3DET_SPLITS",
 ]
 
@@ -415,6 +423,67 @@ def register_synthetic_rendering(
 
 # Dataset name -> callable that creates the dataset's files on demand (synthetic_vocab).
 _PREPARE: Dict[str, Callable[[], None]] = {}
+_GENERATE = [True]
+
+
+@contextmanager
+def generation_disabled() -> Iterator[None]:
+    """Inside, a missing synthetic dataset is an error instead of being generated (inference
+    must not create a dataset under the current folder because a path is unset)."""
+    _GENERATE.append(False)
+    try:
+        yield
+    finally:
+        _GENERATE.pop()
+
+
+def _read_categories(json_file: str) -> List[dict]:
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"annotation file {json_file}: no such file")
+    cats = _load_json(json_file)["categories"]
+    return sorted(cats, key=lambda c: c["id"])
+
+
+def register_coco_json(name: str, json_file: str, image_root: str) -> str:
+    """Register a COCO-format detection json and its image folder as dataset ``name`` (again if
+    the paths changed; nothing to do if they did not). The categories are read now, so the
+    metadata has ``thing_classes`` before the dataset is loaded; evaluation is detectron2's
+    ``COCOEvaluator`` on ``json_file``. Returns ``name``."""
+    json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if meta.get("json_file") == json_file and meta.get("image_root") == image_root:
+            return name
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"dataset {name!r}: image folder {image_root} does not exist")
+    cats = _read_categories(json_file)
+    _replace(
+        name,
+        lambda: load_detection_json(json_file, image_root, name),
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="coco",
+        thing_classes=[c["name"] for c in cats],
+        thing_dataset_id_to_contiguous_id={int(c["id"]): i for i, c in enumerate(cats)},
+    )
+    return name
+
+
+def coco_json_dataset(
+    names: str, json_file: str, image_root: str, filter_empty: bool = True
+) -> List[dict]:
+    """Dataset dicts of a COCO-format json (registered as ``names`` first, see
+    :func:`register_coco_json`); the dataset of ``configs/custom_coco.py``, where the paths
+    are overrides. ``filter_empty`` drops images without boxes (training)."""
+    from .build import get_dataset_dicts
+
+    register_coco_json(names, json_file, image_root)
+    return get_dataset_dicts(names, filter_empty=filter_empty)
+
+
+def coco_json_num_categories(json_file: str) -> int:
+    """The number of categories of a COCO-format json (the model's class count)."""
+    return len(_read_categories(json_file))
 
 
 def category_tree_file(dataset_name: str, must_exist: bool = True) -> str:
@@ -441,13 +510,17 @@ def category_tree_file(dataset_name: str, must_exist: bool = True) -> str:
     if not path:
         raise ValueError(
             f"dataset {dataset_name!r} has no category tree (no category_tree_file in its "
-            "metadata); use a relation that needs no tree, or give the tree file explicitly"
+            "metadata): without a tree set model.class_head.relation=self_attn (or none) and "
+            "model.class_head.tree_file=None (yacs: MODEL.CQDINO.RELATION), or give a tree json "
+            "in the V3Det layout as model.class_head.tree_file=... (MODEL.CQDINO.TREE_FILE)"
         )
-    if must_exist and not os.path.exists(path) and dataset_name in _PREPARE:
+    if must_exist and not os.path.exists(path) and dataset_name in _PREPARE and _GENERATE[-1]:
         _PREPARE[dataset_name]()
     if must_exist and not os.path.exists(path):
+        unset = "" if os.getenv("DETECTRON2_DATASETS") else " ($DETECTRON2_DATASETS is unset)"
         raise FileNotFoundError(
-            f"category tree of dataset {dataset_name!r} not found: {path} does not exist "
-            "(see docs/data_and_evaluation.md for where the dataset files go)"
+            f"category tree of dataset {dataset_name!r} not found: {path} does not exist"
+            f"{unset}; set DETECTRON2_DATASETS to the folder that holds the dataset (see "
+            "docs/data_and_evaluation.md for where the dataset files go)"
         )
     return path

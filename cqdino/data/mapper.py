@@ -26,7 +26,13 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-__all__ = ["DetrDatasetMapper", "RecordError", "build_detr_augmentation", "IMAGE_FORMATS"]
+__all__ = [
+    "DetrDatasetMapper",
+    "RecordError",
+    "build_detr_augmentation",
+    "read_image",
+    "IMAGE_FORMATS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +42,33 @@ IMAGE_FORMATS = ("BGR", "RGB")
 
 class RecordError(ValueError):
     """A dataset record that cannot be used (the message names image id and file)."""
+
+
+# single-channel 16-bit modes (PNG, TIFF): PIL's convert("RGB") clips them at 255, so a
+# 16-bit image would read as (nearly) all white
+_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def read_image(file_name: str, format: str = "BGR") -> np.ndarray:
+    """detectron2's ``read_image`` (EXIF orientation applied, ``format`` channel order), with
+    16-bit grey images (PNG/TIFF) scaled to 8 bit instead of clipped. 16-bit colour images
+    Pillow reads at 8 bit already; images it cannot scale (32-bit integer or float pixels)
+    raise ``ValueError`` naming the mode."""
+    from PIL import Image
+
+    with Image.open(file_name) as image:
+        image = utils._apply_exif_orientation(image)
+        if image.mode in _16BIT_MODES:
+            pixels = np.asarray(image).astype(np.int64)
+            if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+                raise ValueError(
+                    f"{image.mode} pixels in [{pixels.min()}, {pixels.max()}] are not 16-bit: "
+                    "convert the image to 8 or 16 bit"
+                )
+            image = Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), "L")
+        elif image.mode == "F":
+            raise ValueError("floating-point pixels (mode F): convert the image to 8 or 16 bit")
+        return utils.convert_PIL_to_numpy(image, format)
 
 
 def build_detr_augmentation(
@@ -155,7 +188,7 @@ class DetrDatasetMapper:
         if not file_name or not os.path.isfile(file_name):
             return self._fail(record, "image file does not exist")
         try:
-            image = utils.read_image(file_name, format=self.image_format)
+            image = read_image(file_name, format=self.image_format)
         except Exception as e:  # PIL raises many types for corrupt files
             return self._fail(record, f"unreadable image ({type(e).__name__}: {e})")
         h, w = image.shape[:2]

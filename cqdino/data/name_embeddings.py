@@ -16,10 +16,12 @@ Configs::
 import hashlib
 import os
 import re
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from cqdino.utils.io import atomic_write
 
 __all__ = ["bag_of_words_embeddings", "name_embedding_file"]
 
@@ -50,25 +52,36 @@ def bag_of_words_embeddings(names: Sequence[str], dim: int = 256) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-def name_embedding_file(dataset_name: str, dim: int = 256) -> str:
+def default_cache_dir() -> str:
+    """``$CQDINO_CACHE``, else ``$XDG_CACHE_HOME/cqdino``, else ``~/.cache/cqdino``."""
+    if os.getenv("CQDINO_CACHE"):
+        return os.path.expanduser(os.environ["CQDINO_CACHE"])
+    xdg = os.getenv("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "cqdino")
+
+
+def name_embedding_file(dataset_name: str, dim: int = 256, cache_dir: Optional[str] = None) -> str:
     """Path of the bag-of-words table of a registered dataset's ``thing_classes``, written
-    (atomically) next to its annotation json on first use and reused afterwards."""
+    (atomically) into ``cache_dir`` (default :func:`default_cache_dir`; never the dataset's
+    folder) on first use and reused afterwards; the file name holds a digest of the names.
+    A dataset registered lazily (``register_coco_instances``) is loaded once to learn its
+    classes."""
     if dataset_name not in DatasetCatalog.list():
         raise ValueError(f"name_embedding_file: dataset {dataset_name!r} is not registered")
-    meta = MetadataCatalog.get(dataset_name)
-    names = meta.get("thing_classes")
-    json_file = meta.get("json_file")
-    if names is None or json_file is None:
+    names = MetadataCatalog.get(dataset_name).get("thing_classes")
+    if names is None:  # detectron2's lazy registrations set the classes when loaded
+        DatasetCatalog.get(dataset_name)
+        names = MetadataCatalog.get(dataset_name).get("thing_classes")
+    if not names:
         raise ValueError(
-            f"name_embedding_file: dataset {dataset_name!r} has no thing_classes / json_file "
-            "metadata"
+            f"name_embedding_file: dataset {dataset_name!r} has no thing_classes in its "
+            "metadata, even after loading it; set model.class_head.init_embeddings=None "
+            "(random initial category queries) or give a [C, d] .npy/.pth file"
         )
     digest = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:12]
-    path = os.path.join(os.path.dirname(json_file), f"name_embeddings_bow{dim}_{digest}.npy")
+    folder = cache_dir or default_cache_dir()
+    path = os.path.join(folder, f"name_embeddings_bow{dim}_{digest}.npy")
     if not os.path.isfile(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, bag_of_words_embeddings(names, dim))
-        os.replace(tmp, path)
+        table = bag_of_words_embeddings(names, dim)
+        atomic_write(path, lambda f: np.save(f, table))
     return path

@@ -2,7 +2,14 @@
 CPU-capable multi-process launcher, evaluation with a progress bar, and the LR schedule.
 ``projects/train_net.py`` puts them together."""
 
-from .checkpoint import AtomicCheckpointer, PeriodicCheckpointer, atomic_write
+from .checkpoint import (
+    AtomicCheckpointer,
+    CheckpointError,
+    PeriodicCheckpointer,
+    atomic_write,
+    check_resumable,
+    load_weights_strict,
+)
 from .evaluation import format_results, inference_on_dataset, read_metrics
 from .launch import launch
 from .schedule import StepWithWarmup, step_schedule
@@ -10,8 +17,11 @@ from .trainer import ModelEMA, Trainer, unwrap_model
 
 __all__ = [
     "AtomicCheckpointer",
+    "CheckpointError",
     "PeriodicCheckpointer",
     "atomic_write",
+    "check_resumable",
+    "load_weights_strict",
     "format_results",
     "inference_on_dataset",
     "read_metrics",

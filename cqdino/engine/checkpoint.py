@@ -4,7 +4,13 @@
 same folder, flushes it to disk and renames it into place, so a run killed at any moment leaves
 ``last_checkpoint`` naming a complete file (at worst the previous one). Checkpoints load with
 ``torch.load(weights_only=True)``; a foreign file that needs more (pickled objects) is loaded
-with ``weights_only=False`` after a warning.
+with ``weights_only=False`` after a warning. An unreadable file is a :class:`CheckpointError`
+(one line); ``--resume`` then falls back to the newest older checkpoint that reads.
+
+Evaluation and inference load with :func:`load_weights_strict` (every tensor of the model, of
+the same shape, nothing else): a checkpoint of another config is an error naming a few of the
+keys that differ. Training's ``init_checkpoint`` may load partially (pretrained backbones); a
+summary line says how many tensors were loaded and which were not.
 """
 
 import glob
@@ -12,57 +18,71 @@ import io
 import logging
 import os
 import pickle
-import tempfile
-from typing import Any, Callable
+import re
+from typing import Any, Dict, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
-__all__ = ["AtomicCheckpointer", "PeriodicCheckpointer", "atomic_write"]
+from cqdino.utils.io import InputError, atomic_write
+
+__all__ = [
+    "AtomicCheckpointer",
+    "CheckpointError",
+    "PeriodicCheckpointer",
+    "atomic_write",
+    "check_resumable",
+    "load_weights_strict",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """``write(f)`` into a temporary file next to ``path``, fsync, rename onto ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+class CheckpointError(InputError):
+    """A checkpoint that cannot be read or does not fit the model (the message names it)."""
+
+
+_CKPT_NAME = re.compile(r"^model_(\d+|final)\.pth$")
+
+
+def _short(keys, n: int = 3) -> str:
+    keys = list(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(map(str, keys[:n])) + more
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` with atomic writes of the checkpoint and ``last_checkpoint``."""
+    """``DetectionCheckpointer`` with atomic writes of the checkpoint and ``last_checkpoint``.
 
-    def __init__(self, model, save_dir: str = "", *, save_to_disk=None, **checkpointables):
+    Args:
+        extra: saved into every checkpoint besides the model and checkpointables (e.g. the
+            training dataset's ``class_names``, which inference uses).
+    """
+
+    def __init__(
+        self,
+        model,
+        save_dir: str = "",
+        *,
+        save_to_disk=None,
+        extra: Optional[Dict[str, Any]] = None,
+        **checkpointables,
+    ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.extra = dict(extra or {})
         if self.save_to_disk and save_dir:
-            for stale in glob.glob(os.path.join(save_dir, ".*.tmp")):  # from a killed run
-                os.remove(stale)
+            # temporary files of a killed run (only ours: ".model_*.pth.*.tmp" and
+            # ".last_checkpoint.*.tmp"; other hidden files in the folder are the user's)
+            for pattern in (".model_*.pth.*.tmp", ".last_checkpoint.*.tmp"):
+                for stale in glob.glob(os.path.join(save_dir, pattern)):
+                    os.remove(stale)
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict()}
+        data = {"model": self.model.state_dict(), **self.extra}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -77,18 +97,89 @@ class AtomicCheckpointer(DetectionCheckpointer):
         atomic_write(path, lambda f: f.write(last_filename_basename), mode="w")
 
     def _load_file(self, filename: str):
+        if not os.path.isfile(filename):
+            raise CheckpointError(f"checkpoint {filename}: no such file")
         if filename.endswith(".pkl"):
             return super()._load_file(filename)
         try:
-            return torch.load(filename, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            logger.warning(
-                f"{filename} holds objects other than tensors ({str(e).splitlines()[0]}); "
-                "loading it with weights_only=False. Only load checkpoints you trust."
-            )
-            return torch.load(filename, map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, OSError) as e:
-            raise RuntimeError(f"cannot read checkpoint {filename}: {e}") from e
+            try:
+                loaded = torch.load(filename, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                if "weights_only" not in str(e) and "Weights only load failed" not in str(e):
+                    raise
+                logger.warning(
+                    f"{filename} holds objects other than tensors ({first}); "
+                    "loading it with weights_only=False. Only load checkpoints you trust."
+                )
+                loaded = torch.load(filename, map_location="cpu", weights_only=False)
+        except Exception as e:  # corrupt, truncated or not a torch file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot read checkpoint {filename}: {first}") from None
+        if isinstance(loaded, dict) and "model" not in loaded:  # a bare state dict
+            loaded = {"model": loaded}
+        return loaded
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        """fvcore's warnings, then one line: how much of the model the file initialised."""
+        super()._log_incompatible_keys(incompatible)
+        model_keys = self.model.state_dict().keys()
+        missing = list(incompatible.missing_keys)
+        shapes = [k for k, *_ in incompatible.incorrect_shapes]
+        skipped = set(missing) | set(shapes)
+        loaded = len([k for k in model_keys if k not in skipped])
+        if not (missing or shapes or incompatible.unexpected_keys):
+            return
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} absent from the file ({_short(missing)})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape ({_short(shapes)})")
+        unexpected = list(incompatible.unexpected_keys)
+        tail = f"; {len(unexpected)} tensors of the file are not in the model" if unexpected else ""
+        logger.warning(
+            f"Loaded {loaded} of {len(model_keys)} model tensors from the checkpoint; not "
+            f"loaded (left as initialised): {', '.join(parts) or 'none'}{tail}"
+        )
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """detectron2's ``resume_or_load``; on resume, ``last_checkpoint`` must name an existing
+        file, and an unreadable newest checkpoint falls back (with a warning) to the newest
+        older one that reads."""
+        if not (resume and self.has_checkpoint()):
+            return self.load(path, checkpointables=[]) if path else {}
+        check_resumable(self.save_dir)
+        last = self.get_checkpoint_file()
+        base = os.path.basename(last)
+        older = sorted(
+            (f for f in os.listdir(self.save_dir) if _CKPT_NAME.match(f) and f != base),
+            reverse=True,  # model_final first, then by decreasing iteration
+        )
+        if base != "model_final.pth":
+            older = [f for f in older if f != "model_final.pth" and f < base]
+        for name in [base] + older:
+            try:
+                return self.load(os.path.join(self.save_dir, name))
+            except CheckpointError as e:
+                logger.warning(f"{e}; trying the previous checkpoint")
+        raise CheckpointError(f"no readable checkpoint in {self.save_dir} to resume from")
+
+
+def check_resumable(save_dir: str) -> None:
+    """Raise :class:`CheckpointError` when ``save_dir/last_checkpoint`` names a file that does
+    not exist (one line, naming the checkpoints that do)."""
+    tag = os.path.join(save_dir, "last_checkpoint")
+    if not os.path.isfile(tag):
+        return
+    with open(tag) as f:
+        name = f.read().strip()
+    if not os.path.isfile(os.path.join(save_dir, name)):
+        found = sorted((f for f in os.listdir(save_dir) if _CKPT_NAME.match(f)), reverse=True)
+        have = f"; the folder holds {_short(found)}" if found else ""
+        raise CheckpointError(
+            f"{tag} names {name!r}, which does not exist{have}: write the name of a complete "
+            "checkpoint into it, or start without --resume"
+        )
 
 
 def _gather_states(state: Any) -> list:
@@ -120,3 +211,44 @@ class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
             self.trainer.__dict__.pop("_gathered_rank_states", None)
         if due:
             comm.synchronize()  # no rank runs ahead while rank 0 writes
+
+
+def load_weights_strict(model: torch.nn.Module, path: str) -> Dict[str, Any]:
+    """Load the weights of checkpoint ``path`` into ``model``: every tensor of the model must be
+    in the file with the same shape, and the file must hold nothing else. Returns the
+    checkpoint dict (e.g. its ``trainer`` state, ``class_names``).
+
+    Raises:
+        CheckpointError naming a few missing, unexpected and shape-mismatched keys.
+    """
+    checkpoint = AtomicCheckpointer(model)._load_file(path)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} is not a dict of weights")
+    state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"checkpoint {path} holds no model weights")
+    if all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    state = {k: torch.as_tensor(v) for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {list(state[k].shape)} in the file, {list(own[k].shape)} in the model"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape ({_short(shapes, 2)})")
+        if missing:
+            parts.append(f"{len(missing)} missing ({_short(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_short(unexpected)})")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model of this config: {'; '.join(parts)}. "
+            "Use the config (and model.* overrides) it was trained with."
+        )
+    model.load_state_dict(state)
+    return checkpoint

@@ -151,10 +151,18 @@ class Trainer(TrainerBase):
         data = next(self._data_iter)
         data_time = time.perf_counter() - start
 
-        with torch.autocast(
-            self.device_type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
-        ):
-            loss_dict = self.model(data)
+        try:
+            with torch.autocast(
+                self.device_type,
+                dtype=self.amp_dtype or torch.float32,
+                enabled=bool(self.amp_dtype),
+            ):
+                loss_dict = self.model(data)
+        except FloatingPointError as e:  # raised inside the model (e.g. the matcher's costs)
+            raise FloatingPointError(
+                f"Non-finite values at iteration {self.iter}: {e}. Training stopped; lower the "
+                "learning rate, check the data, or enable gradient clipping."
+            ) from None
         if isinstance(loss_dict, torch.Tensor):
             loss_dict = {"total_loss": loss_dict}
         losses = sum(loss_dict.values())

@@ -131,3 +131,37 @@ def test_num_classes_is_required_and_checked(coco8):
 def test_image_format_is_validated(fmt):
     with pytest.raises(ValueError, match=r"image_format must be one of \('BGR', 'RGB'\)"):
         DetrDatasetMapper(True, num_classes=80, image_format=fmt)
+
+
+def _sixteen_bit_pair(tmp_path, suffix):
+    """A 16-bit grey image (values over the full 0..65535 range) and the same picture at 8 bit
+    (the 16-bit values divided by 257: what a correct reader gives)."""
+    ramp = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)
+    path16, path8 = tmp_path / f"grey16{suffix}", tmp_path / "grey8.png"
+    Image.fromarray(ramp).save(path16)
+    assert Image.open(path16).mode.startswith("I")  # really a 16-bit file
+    Image.fromarray(np.round(ramp / 257).astype(np.uint8)).save(path8)
+    return path16, path8
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_images_are_scaled_not_clipped(tmp_path, suffix):
+    """16-bit grey PNG/TIFF: the training mapper and the inference tool read the picture, not
+    an all-white image (PIL's convert("RGB") clips 16-bit values at 255)."""
+    import importlib.util
+    from pathlib import Path
+
+    path16, path8 = _sixteen_bit_pair(tmp_path, suffix)
+    mapper = DetrDatasetMapper(False, num_classes=1, test_size=48, max_size=64)
+    got = mapper({"file_name": str(path16), "height": 48, "width": 64})["image"]
+    want = mapper({"file_name": str(path8), "height": 48, "width": 64})["image"]
+    assert (got.int() - want.int()).abs().max() <= 1
+    assert got.float().mean() < 200  # the ramp's mean is ~127; clipping gives ~255
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("demo_tool", root / "projects" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    got, want = demo.read_input(str(path16)), demo.read_input(str(path8))
+    assert got.shape == want.shape == (48, 64, 3)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1

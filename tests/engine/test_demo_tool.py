@@ -3,6 +3,7 @@ detections.json with the documented structure, unreadable inputs reported and sk
 confidence threshold, the same detections as the evaluation pipeline (test loader + model), and
 exit status 1 when nothing could be read."""
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -177,3 +178,90 @@ def test_overrides_after_input_are_overrides(tmp_path, monkeypatch):
         demo.parse_args(
             ["--config-file", "c.py", "--input", "a.jpg", "--output", "o"] + ["--confidence", "1.5"]
         )
+
+
+def _digests(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _one_error(proc) -> str:
+    text = proc.stdout + proc.stderr
+    errors = [line for line in text.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    return errors[0]
+
+
+def test_output_folder_of_the_inputs_is_refused(tiny_datasets, checkpoint, tmp_path):
+    """--input DIR --output DIR would draw over the input images: refused, inputs unchanged."""
+    images = tmp_path / "images"
+    shutil.copytree(tiny_datasets / "synthetic_vocab" / "images" / "val", images)
+    before = _digests(images)
+    proc = run_demo(tiny_datasets, checkpoint, [images], images, confidence=0.3)
+    assert proc.returncode == 1
+    assert "--output" in _one_error(proc) and "choose another --output" in _one_error(proc)
+    assert _digests(images) == before
+
+
+def test_output_that_is_a_file_is_refused_before_loading(tiny_datasets, checkpoint, tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("keep me")
+    image = sorted((tiny_datasets / "synthetic_vocab" / "images" / "val").glob("*.jpg"))[0]
+    proc = run_demo(tiny_datasets, checkpoint, [image], target, confidence=0.3)
+    assert proc.returncode == 1 and "is a file" in _one_error(proc)
+    assert "category names" not in proc.stderr  # stopped before the model was built
+    assert target.read_text() == "keep me"
+
+
+def test_checkpoint_of_another_config_is_refused(tiny_datasets, checkpoint, tmp_path):
+    image = sorted((tiny_datasets / "synthetic_vocab" / "images" / "val").glob("*.jpg"))[0]
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tiny_datasets), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "projects" / "demo.py"), *CONFIG, "--input", str(image)]
+    cmd += [
+        "--output",
+        str(tmp_path / "out"),
+        *TINY_OVERRIDES,
+        f"train.init_checkpoint={checkpoint}",
+    ]
+    cmd += ["model.transformer.num_queries=30"]  # another model than the checkpoint's
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "does not fit the model of this config" in _one_error(proc)
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_names_come_from_the_checkpoint(tiny_datasets, checkpoint, tmp_path):
+    """Another vocabulary registered now (same size, other names) does not rename the
+    trained model's classes: the names saved with the checkpoint are used, and said so."""
+    other = tmp_path / "other"
+    cmd = [sys.executable, "-m", "cqdino.data.synthetic", "--out", str(other / "synthetic_vocab")]
+    cmd += [f"--num-categories={TINY_CATEGORIES}", "--num-train-images=1", "--num-val-images=1"]
+    cmd += ["--image-size", "64", "80", "--seed", "5"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    assert _class_names(other) != _class_names(tiny_datasets)
+    image = sorted((tiny_datasets / "synthetic_vocab" / "images" / "val").glob("*.jpg"))[0]
+    proc = run_demo(other, checkpoint, [image], tmp_path / "out", confidence=0.0)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert result["class_names_source"] == f"the checkpoint {checkpoint}"
+    names = _class_names(tiny_datasets)
+    dets = result["images"][0]["detections"]
+    assert dets and all(d["category_name"] == names[d["category_id"]] for d in dets)
+
+
+def test_no_dataset_is_generated_where_the_tool_runs(checkpoint, tmp_path):
+    """Run from another folder without $DETECTRON2_DATASETS: one line saying what to set, and
+    no demo dataset generated under the current folder."""
+    image = tmp_path / "image.jpg"
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(image)
+    env = {k: v for k, v in os.environ.items() if k != "DETECTRON2_DATASETS"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    cmd = [sys.executable, str(ROOT / "projects" / "demo.py"), *CONFIG, "--input", str(image)]
+    cmd += [
+        "--output",
+        str(tmp_path / "out"),
+        *TINY_OVERRIDES,
+        f"train.init_checkpoint={checkpoint}",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "DETECTRON2_DATASETS" in _one_error(proc)
+    assert not (tmp_path / "datasets").exists()

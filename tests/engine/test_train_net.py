@@ -2,8 +2,11 @@
 SIGKILL (during and right after a checkpoint write), non-finite-loss stop, 2-process CPU DDP,
 eval-only, and the clear error for a missing dataset."""
 
+import json
 import math
 import os
+import shutil
+import stat
 
 import pytest
 import torch
@@ -33,11 +36,16 @@ def reference_run(tiny_datasets, tmp_path_factory):
     args = _args(
         out, "train.max_iter=12", "train.checkpointer.period=4", "train.checkpointer.max_to_keep=10"
     )
-    _ok(run_train_net(tiny_datasets, args))
+    old = os.umask(0o022)
+    try:
+        proc = _ok(run_train_net(tiny_datasets, args))
+    finally:
+        os.umask(old)
+    (out.parent / f"{out.name}.output.txt").write_text(proc.stdout + proc.stderr)
     return out, metrics_by_iter(out)
 
 
-def test_outputs(reference_run):
+def test_outputs(reference_run, tiny_datasets):
     out, metrics = reference_run
     for name in ("config.yaml", "log.txt", "metrics.json", "last_checkpoint", "model_final.pth"):
         assert (out / name).is_file(), name
@@ -54,6 +62,17 @@ def test_outputs(reference_run):
     assert all(math.isfinite(m["total_loss"]) for m in metrics.values())
     log = (out / "log.txt").read_text()
     assert "eta:" in log and "loss_class" in log
+    # plain text, no colour codes; no CUDA_HOME guess from torch.utils.cpp_extension
+    assert "\x1b[" not in log
+    console = (out.parent / f"{out.name}.output.txt").read_text()
+    assert "No CUDA runtime is found" not in console + log
+    # outputs get the umask's permissions (0644 under 022), not tempfile's 0600
+    for name in ("model_final.pth", "model_0000003.pth", "last_checkpoint", "config.yaml"):
+        assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o644, name
+    # the training dataset's class names travel with the weights
+    names = (tiny_datasets / "synthetic_vocab" / "category_names.txt").read_text()
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    assert final["class_names"] == names.splitlines()
     # configs/demo.py: lr 6e-4, x0.1 at 1/2 and 3/4 of max_iter (6, 9); linear warm-up from
     # 0.1x over 50 iterations, cut to end at the first step
     for i in range(12):
@@ -100,6 +119,32 @@ def test_sigkill_then_resume_matches_uninterrupted(mode, reference_run, tiny_dat
     ref_final = torch.load(ref_dir / "model_final.pth", map_location="cpu", weights_only=True)
     for k, v in ref_final["model"].items():
         torch.testing.assert_close(final["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint(reference_run, tiny_datasets, tmp_path):
+    """--resume from a copy of the finished reference run whose two newest checkpoints are
+    corrupt: a warning, then the run continues from model_0000007.pth; metrics.json keeps one
+    row per iteration (the rows written after that checkpoint are replaced, not duplicated),
+    and the result is the uninterrupted run's."""
+    ref_dir, ref = reference_run
+    out = tmp_path / "run"
+    shutil.copytree(ref_dir, out)
+    for name in ("model_final.pth", "model_0000011.pth"):
+        data = (out / name).read_bytes()
+        (out / name).write_bytes(data[: len(data) // 2])  # cut short, as by a full disk
+    args = _args(
+        out, "train.max_iter=12", "train.checkpointer.period=4", "train.checkpointer.max_to_keep=10"
+    )
+    proc = _ok(run_train_net(tiny_datasets, ["--resume"] + args))
+    text = proc.stdout + proc.stderr
+    assert "cannot read checkpoint" in text and "model_final.pth" in text
+    assert "Resuming at iteration 8" in text and "Traceback" not in text
+    rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    train_rows = [r["iteration"] for r in rows if "total_loss" in r]
+    assert train_rows == list(range(12))
+    got = metrics_by_iter(out)
+    for i in range(8, 12):
+        assert got[i]["total_loss"] == pytest.approx(ref[i]["total_loss"], rel=1e-5), i
 
 
 def test_resume_restores_ema(tiny_datasets, tmp_path):
@@ -164,6 +209,7 @@ def test_ddp_two_cpu_processes_match_one(tiny_datasets, tmp_path):
 def test_eval_only_prints_the_ap_table(reference_run, tiny_datasets, tmp_path):
     ref_dir, _ = reference_run
     ckpt = ref_dir / "model_final.pth"
+    (tmp_path / "config.yaml").write_text("the training run's config\n")
     proc = _ok(
         run_train_net(
             tiny_datasets, ["--eval-only"] + _args(tmp_path, f"train.init_checkpoint={ckpt}")
@@ -173,6 +219,9 @@ def test_eval_only_prints_the_ap_table(reference_run, tiny_datasets, tmp_path):
     assert "Evaluation results" in text
     for key in ("AP", "AP50", "APr", "APc", "APf"):
         assert f"| {key}" in text or f" {key} " in text, key
+    # evaluating into a run's folder keeps the run's config.yaml
+    assert (tmp_path / "config.yaml").read_text() == "the training run's config\n"
+    assert (tmp_path / "config_eval.yaml").is_file()
 
 
 def test_missing_dataset_is_one_clear_message(tmp_path):

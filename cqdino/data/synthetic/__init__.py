@@ -40,12 +40,17 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from cqdino.utils.io import InputError, check_output_dir, make_temp_dir
 
 __all__ = [
     "generate",
@@ -101,6 +106,7 @@ BORDERS = [
 ]
 NUM_COMBINATIONS = len(SHAPES) * len(COLOURS) * len(TEXTURES) * len(BORDERS)  # 13,824
 MAX_CATEGORIES = len(SHAPES) + NUM_COMBINATIONS
+CATEGORY_RANGE = f"{len(SHAPES) + 1}..{MAX_CATEGORIES}"  # as --help and the errors say it
 
 DEMO_CONFIG = dict(
     num_categories=1000,
@@ -128,9 +134,7 @@ def vocabulary(num_categories: int = 1000, seed: int = 0) -> List[dict]:
         12 shape categories (combo None), then the leaf categories.
     """
     if not len(SHAPES) < num_categories <= MAX_CATEGORIES:
-        raise ValueError(
-            f"num_categories must be in ({len(SHAPES)}, {MAX_CATEGORIES}], got {num_categories}"
-        )
+        raise ValueError(f"num_categories must be in {CATEGORY_RANGE}, got {num_categories}")
     cats = []
     for s, shape in enumerate(SHAPES):
         cats.append(dict(id=s + 1, name=shape, node=f"syn.{shape}", combo=None))
@@ -464,6 +468,11 @@ def generate(
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    if overwrite and os.path.exists(out_dir):
+        check_replaceable(out_dir)
+    for key, num in (("num_train_images", num_train_images), ("num_val_images", num_val_images)):
+        if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {num!r}")
     lo, hi = image_size
     if not 16 <= lo <= hi:
         raise ValueError(f"image_size must be (min, max) with 16 <= min <= max, got {image_size}")
@@ -497,7 +506,7 @@ def generate(
     )
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".synthetic_vocab-", dir=parent)
+    tmp = make_temp_dir(".synthetic_vocab-", parent)
     try:
         os.makedirs(os.path.join(tmp, "annotations"))
         categories = [dict(id=c["id"], name=c["name"]) for c in cats]
@@ -548,6 +557,7 @@ def generate(
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(params, f, indent=1)
         if os.path.exists(out_dir):  # overwrite: move the old one away first
+            check_replaceable(out_dir)  # still a generated dataset (not swapped meanwhile)
             old = tempfile.mkdtemp(prefix=".synthetic_vocab-old-", dir=parent)
             os.rename(out_dir, os.path.join(old, "d"))
             os.rename(tmp, out_dir)
@@ -558,6 +568,45 @@ def generate(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def check_replaceable(out_dir: str) -> None:
+    """Raise :class:`~cqdino.utils.io.InputError` unless ``out_dir`` is a folder holding a
+    dataset this generator wrote (a ``meta.json`` with its ``format_version``): ``overwrite``
+    replaces nothing else, whatever path it is given."""
+    meta_file = os.path.join(out_dir, "meta.json")
+    meta = None
+    if os.path.isdir(out_dir) and not os.path.islink(out_dir) and os.path.isfile(meta_file):
+        try:
+            with open(meta_file) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            meta = None
+    if not isinstance(meta, dict) or "format_version" not in meta:
+        kind = "a file" if not os.path.isdir(out_dir) or os.path.islink(out_dir) else "a folder"
+        raise InputError(
+            f"{out_dir} is {kind} that does not hold a dataset written by this generator (no "
+            "readable meta.json): --overwrite replaces only such a dataset; choose another --out "
+            "or remove it yourself"
+        )
+
+
+@contextmanager
+def _sigterm_as_exit():
+    """Inside: SIGTERM raises ``SystemExit(143)`` (in the main thread), so the temporary
+    folder is removed as on Ctrl-C instead of being left behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def read_meta(out_dir: str) -> dict:
@@ -613,7 +662,8 @@ def ensure_generated(out_dir: str, **kwargs) -> str:
     logger.info(f"Generating the synthetic vast-vocabulary dataset into {out_dir} ...")
     t0 = time.perf_counter()
     try:
-        generate(out_dir, **cfg)
+        with _sigterm_as_exit():
+            generate(out_dir, **cfg)
     except OSError:
         if not os.path.exists(meta_file):  # not another process finishing first
             raise
@@ -638,7 +688,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "--num-categories",
         type=int,
         default=DEMO_CONFIG["num_categories"],
-        help=f"categories C, {len(SHAPES) + 1}..{MAX_CATEGORIES}",
+        help=f"categories C, {CATEGORY_RANGE}",
     )
     p.add_argument(
         "--num-train-images",
@@ -672,17 +722,47 @@ def main(argv: Optional[List[str]] = None) -> None:
         default=DEMO_CONFIG["image_seed"],
         help="other renderings of the same vocabulary: new images, same categories and tree",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    a = p.parse_args(argv)
-    t0 = time.perf_counter()
-    generate(
-        a.out,
-        num_categories=a.num_categories,
-        num_train_images=a.num_train_images,
-        num_val_images=a.num_val_images,
-        image_size=tuple(a.image_size),
-        seed=a.seed,
-        image_seed=a.image_seed,
-        overwrite=a.overwrite,
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out folder that holds a dataset written by this generator",
     )
-    print(f"wrote {a.out} in {time.perf_counter() - t0:.1f} s")
+    a = p.parse_args(argv)
+    # every argument checked before any work, each error one line naming the argument
+    if not len(SHAPES) < a.num_categories <= MAX_CATEGORIES:
+        p.error(f"--num-categories must be in {CATEGORY_RANGE}, got {a.num_categories}")
+    for flag, num in (
+        ("--num-train-images", a.num_train_images),
+        ("--num-val-images", a.num_val_images),
+    ):
+        if num < 1:
+            p.error(f"{flag} must be >= 1, got {num}")
+    if not 16 <= a.image_size[0] <= a.image_size[1]:
+        p.error(
+            f"--image-size MIN MAX needs 16 <= MIN <= MAX, got {a.image_size[0]} {a.image_size[1]}"
+        )
+    out = os.path.abspath(os.path.expanduser(a.out))
+    try:
+        if os.path.lexists(out):
+            if not a.overwrite:
+                raise InputError(
+                    f"--out {out} exists; pass --overwrite to replace it (only a dataset written "
+                    "by this generator is replaced) or choose another --out"
+                )
+            check_replaceable(out)
+        check_output_dir(os.path.dirname(out), "--out (its parent folder)")
+    except InputError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    t0 = time.perf_counter()
+    with _sigterm_as_exit():
+        generate(
+            out,
+            num_categories=a.num_categories,
+            num_train_images=a.num_train_images,
+            num_val_images=a.num_val_images,
+            image_size=tuple(a.image_size),
+            seed=a.seed,
+            image_seed=a.image_seed,
+            overwrite=a.overwrite,
+        )
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")

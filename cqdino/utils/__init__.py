@@ -1,0 +1,1 @@
+"""Small helpers with no detectron2 dependency: safe file output (``io``)."""
