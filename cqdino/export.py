@@ -57,6 +57,7 @@ __all__ = [
     "export_onnx",
     "detections_per_image",
     "detections_match",
+    "example_inputs",
 ]
 
 INPUT_NAMES = ("images", "image_sizes")
@@ -71,10 +72,10 @@ class ExportableDetector(nn.Module):
     One step is moved from run time to construction: CQ-DINO's refined category queries
     (``class_head.category_queries()``, ``[C, d]``: the embeddings through the projection, the
     tree aggregation or self-attention and the norm) depend on the weights only, not on the
-    image, so they are computed here once and the program holds the result (the same size as
-    the embedding table it replaces). The rest of ``ContrastiveClassHead.prepare`` (selector,
-    top-K gather, token projection) runs per call as in eager inference. This also keeps the
-    tree aggregation's sparse operator, which ONNX cannot express, out of the graph.
+    image, so they are computed here once and the program holds the result. The rest of
+    ``ContrastiveClassHead.prepare`` (selector, top-K gather, token projection) runs per call
+    as in eager inference. This also keeps the tree aggregation's sparse operator, which ONNX
+    cannot express, out of the graph.
     """
 
     def __init__(self, model: DINO):
@@ -260,7 +261,7 @@ def _atomic_save(path: str, save: Callable[[str], None], overwrite: bool) -> Non
         raise
 
 
-def _example_inputs(limits: Dict[str, int], device) -> Tuple[Tensor, Tensor]:
+def example_inputs(limits: Dict[str, int], device) -> Tuple[Tensor, Tensor]:
     """Batch 2 at sizes above the minimum (sizes 0/1 and the bounds would be specialised)."""
     d = limits["divisibility"]
     H = min(limits["min"] + 2 * d, limits["max"])
@@ -288,7 +289,7 @@ def export_program(
     h = Dim("h", min=limits["min"] // d, max=limits["max"] // d)
     w = Dim("w", min=limits["min"] // d, max=limits["max"] // d)
     dynamic = {"images": {0: batch, 2: d * h, 3: d * w}, "image_sizes": {0: batch}}
-    example = _example_inputs(limits, model.device)
+    example = example_inputs(limits, model.device)
     with torch.no_grad():
         program = torch.export.export(
             ExportableDetector(model).eval(), example, dynamic_shapes=dynamic, strict=False

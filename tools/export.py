@@ -125,11 +125,11 @@ def _build(args):
 
 def _check(args, model, info) -> List[str]:
     """Run the written file and the eager model on a 2-image batch and compare."""
-    from cqdino.export import _example_inputs, detections_match, load_program
+    from cqdino.export import detections_match, example_inputs, load_program
 
     limits = {"divisibility": info["size_divisibility"], "min": info["min_size"]}
     limits["max"] = info["max_size"]
-    images, sizes = _example_inputs(limits, "cpu")
+    images, sizes = example_inputs(limits, "cpu")
     with torch.no_grad():
         eager = model([{"image": images[i, :, :h, :w]} for i, (h, w) in enumerate(sizes.tolist())])
     expected = [
