@@ -156,11 +156,12 @@ def prepare(preset: str, device: str, art: str, runtimes: List[str]) -> Dict:
     model = _build(preset, device)
     torch.save(model.state_dict(), os.path.join(art, "weights.pth"))
     h, w = PRESETS[preset]["size"]
-    d = max(int(model.size_divisibility), 1)
+    d = 64  # an upper bound of the export's divisibility, for the size range only
     max_size = max(-(-h // d) * d, -(-w // d) * d)
-    meta = {"divisibility": d, "export_s": {}}
     t0 = time.perf_counter()
     program, info = export_program(model, max_size=max(max_size, 512), max_batch=8)
+    # the inputs are padded to the divisibility the program was exported for
+    meta = {"divisibility": info["size_divisibility"], "export_s": {}}
     meta["export_s"]["torch.export"] = time.perf_counter() - t0
     save_program(program, os.path.join(art, "program.pt2"), info)
     if "onnxruntime" in runtimes:
