@@ -115,8 +115,12 @@ setup(
     packages=find_packages(exclude=("tests", "tests.*", "configs", "projects", "benchmarks")),
     python_requires=">=3.10",
     ext_modules=get_extensions(),
-    # Benchmark-only peer kernel (never imported by the library): pip install -e .[bench]
-    extras_require={"bench": ["torch-ms-deform-attn==0.1.1"]},
+    extras_require={
+        # Benchmark-only peer kernel (never imported by the library): pip install -e .[bench]
+        "bench": ["torch-ms-deform-attn==0.1.1"],
+        # ONNX export and ONNX Runtime (tools/export.py --format onnx): pip install -e .[export]
+        "export": ["onnx==1.23.2", "onnxscript==0.7.2", "onnxruntime==1.31.1"],
+    },
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
 )

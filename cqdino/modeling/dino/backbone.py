@@ -10,7 +10,7 @@ Presets (``BACKBONE_PRESETS``):
   FrozenBN, frozen stem, backbone lr x 0.01.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -181,12 +181,17 @@ class ConvPaddingZeroer:
     max-pool inputs give on an unpadded image. The valid extent at stride ``s`` is
     ``ceil(size / s)``. Not exact for attention backbones (Swin).
 
-    Usage: ``zeroer = ConvPaddingZeroer(backbone)``; set ``zeroer.image_sizes`` and
-    ``zeroer.padded_size`` before each forward (the meta-architecture does).
+    Usage: ``zeroer = ConvPaddingZeroer(backbone)``; call ``zeroer.set(image_sizes,
+    padded_size)`` before each forward (the meta-architecture does).
+
+    ``image_sizes`` may also be an int64 ``[B, 2]`` tensor (``torch.export``): the valid extent
+    of a ``(H, W)`` map is then ``ceil(h * H / PH)``, which is ``ceil(h / s)`` when the padded
+    size ``PH`` is a multiple of the map's stride ``s`` (the padded batches of the
+    meta-architecture are), computed without Python control flow on the sizes.
     """
 
     def __init__(self, module: nn.Module):
-        self.image_sizes: Optional[List[Tuple[int, int]]] = None
+        self.image_sizes: Union[List[Tuple[int, int]], Tensor, None] = None
         self.padded_size: Optional[Tuple[int, int]] = None
         self._cache: Dict[Tuple[int, int], Tensor] = {}
         for m in module.modules():
@@ -194,17 +199,34 @@ class ConvPaddingZeroer:
                 m.register_forward_pre_hook(self._pre_hook)
                 m.register_forward_hook(self._hook)
 
-    def set(self, image_sizes: List[Tuple[int, int]], padded_size: Tuple[int, int]) -> None:
+    def set(
+        self, image_sizes: Union[List[Tuple[int, int]], Tensor], padded_size: Tuple[int, int]
+    ) -> None:
         self._cache = {}
+        self.padded_size = tuple(padded_size)
+        if isinstance(image_sizes, Tensor):
+            self.image_sizes = image_sizes
+            return
         padded = [tuple(s) != tuple(padded_size) for s in image_sizes]
         self.image_sizes = [tuple(s) for s in image_sizes] if any(padded) else None
-        self.padded_size = tuple(padded_size)
 
     def _pre_hook(self, module: nn.Module, args):
         return (self._hook(module, args, args[0]),) + tuple(args[1:])
 
     def _hook(self, module: nn.Module, args, out: Tensor) -> Tensor:
-        if self.image_sizes is None or out.dim() != 4 or out.shape[0] != len(self.image_sizes):
+        if self.image_sizes is None or out.dim() != 4:
+            return out
+        if isinstance(self.image_sizes, Tensor):
+            H, W = out.shape[-2:]
+            PH, PW = self.padded_size
+            sizes = self.image_sizes.to(out.device)
+            eh = torch.div(sizes[:, 0] * H + PH - 1, PH, rounding_mode="floor")  # (B,)
+            ew = torch.div(sizes[:, 1] * W + PW - 1, PW, rounding_mode="floor")
+            keep = (torch.arange(H, device=out.device)[None, :, None] < eh[:, None, None]) & (
+                torch.arange(W, device=out.device)[None, None, :] < ew[:, None, None]
+            )
+            return out * keep[:, None].to(out.dtype)
+        if out.shape[0] != len(self.image_sizes):
             return out
         H, W = out.shape[-2:]
         key = (H, W)

@@ -316,18 +316,9 @@ class DINO(nn.Module):
         images: ImageList,
         batched_inputs: List[Dict[str, Tensor]],
     ) -> List[Dict[str, Instances]]:
-        """Top ``select_box_nums_for_evaluation`` (query, column) pairs per image by sigmoid
-        score; columns mapped to dataset classes by the class head; boxes scaled to the input
-        size, then to the requested output size with ``detector_postprocess``."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]  # (B, Q, N), (B, Q, 4)
-        B, Q, N = logits.shape
-        prob = logits.sigmoid().flatten(1)  # (B, Q * N)
-        k = min(self.select_box_nums_for_evaluation, Q * N)
-        scores, idx = prob.topk(k, dim=1)
-        query = torch.div(idx, N, rounding_mode="floor")
-        classes = self.class_head.columns_to_classes(idx % N, state)
-        boxes = box_cxcywh_to_xyxy(boxes.gather(1, query[..., None].expand(-1, -1, 4)))
-
+        """:meth:`select_detections`; boxes scaled to the input size, then to the requested
+        output size with ``detector_postprocess``."""
+        boxes, scores, classes = self.select_detections(outputs, state)
         results = []
         for b, (h, w) in enumerate(images.image_sizes):
             inst = Instances((h, w))
@@ -339,6 +330,27 @@ class DINO(nn.Module):
             width = batched_inputs[b].get("width", w)
             results.append({"instances": detector_postprocess(inst, height, width)})
         return results
+
+    def select_detections(
+        self, outputs: Dict[str, Tensor], state: ClassHeadState
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Top ``select_box_nums_for_evaluation`` (query, column) pairs per image by sigmoid
+        score, columns mapped to dataset classes by the class head. Tensors only (no loop over
+        images: ``torch.export`` traces it as it is).
+
+        Returns:
+            ``boxes [B, k, 4]`` xyxy normalised to each image's valid size, ``scores [B, k]``
+            (descending), ``classes [B, k]`` int64, ``k = min(select_box_nums, Q * N_col)``.
+        """
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]  # (B, Q, N), (B, Q, 4)
+        _, Q, N = logits.shape
+        prob = logits.sigmoid().flatten(1)  # (B, Q * N)
+        k = min(self.select_box_nums_for_evaluation, Q * N)
+        scores, idx = prob.topk(k, dim=1)
+        query = torch.div(idx, N, rounding_mode="floor")
+        classes = self.class_head.columns_to_classes(idx % N, state)
+        boxes = box_cxcywh_to_xyxy(boxes.gather(1, query[..., None].expand(-1, -1, 4)))
+        return boxes, scores, classes
 
 
 def _check_neck_inputs(backbone: Backbone, neck: nn.Module) -> None:

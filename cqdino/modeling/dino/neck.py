@@ -3,7 +3,7 @@ extra stride-2 levels; GroupNorm statistics are taken over each image's valid (u
 so a batch's padding does not change an image's features (detrex's neck normalises over the
 padding too)."""
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -13,12 +13,23 @@ __all__ = ["MaskedGroupNorm", "ChannelMapper", "level_masks"]
 
 
 def level_masks(
-    image_sizes: Sequence[Tuple[int, int]], shape: Tuple[int, int], stride: int, device
+    image_sizes: Union[Sequence[Tuple[int, int]], Tensor],
+    shape: Tuple[int, int],
+    stride: int,
+    device,
 ) -> Tensor:
     """Padding mask ``[B, H, W]`` (True = pad) of a stride-``stride`` level of padded size
     ``shape``: valid extent ``ceil(h / stride) x ceil(w / stride)`` (what stride-2 convs and
-    patch merging with padding produce for an unpadded image)."""
+    patch merging with padding produce for an unpadded image).
+
+    ``image_sizes``: ``(h, w)`` Python ints per image, or an int64 ``[B, 2]`` tensor (the
+    traceable form that ``torch.export`` needs: no Python loop over images, no host sync)."""
     H, W = shape
+    if isinstance(image_sizes, Tensor):
+        extent = -torch.div(-image_sizes.to(device), stride, rounding_mode="floor")  # ceil
+        rows = torch.arange(H, device=device)[None, :, None] >= extent[:, 0, None, None]
+        cols = torch.arange(W, device=device)[None, None, :] >= extent[:, 1, None, None]
+        return rows | cols
     mask = torch.ones(len(image_sizes), H, W, dtype=torch.bool, device=device)
     for i, (h, w) in enumerate(image_sizes):
         mask[i, : -(-h // stride), : -(-w // stride)] = False
@@ -108,12 +119,15 @@ class ChannelMapper(nn.Module):
         ]
 
     def forward(
-        self, features: Dict[str, Tensor], image_sizes: Optional[Sequence[Tuple[int, int]]] = None
+        self,
+        features: Dict[str, Tensor],
+        image_sizes: Union[Sequence[Tuple[int, int]], Tensor, None] = None,
     ) -> Tuple[List[Tensor], List[Tensor]]:
         """
         Args:
             features: backbone outputs.
-            image_sizes: valid ``(h, w)`` per image; None means no padding.
+            image_sizes: valid ``(h, w)`` per image (or an int64 ``[B, 2]`` tensor, see
+                :func:`level_masks`); None means no padding.
 
         Returns:
             ``(maps, masks)``: per level ``[B, C, H_l, W_l]`` and ``[B, H_l, W_l]`` bool

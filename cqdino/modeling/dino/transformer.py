@@ -455,7 +455,8 @@ class DINOTransformer(nn.Module):
         """
         if len(features) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} feature levels, got {len(features)}")
-        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+        # (H, W) as the shapes give them: ints in eager, symbolic sizes under torch.export
+        shapes = [(f.shape[-2], f.shape[-1]) for f in features]
         src = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)  # (B, S, D)
         pos = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[i] for i, p in enumerate(pos_embeds)],
@@ -479,7 +480,9 @@ class DINOTransformer(nn.Module):
         enc_logits = class_head(output_memory, state, None)  # (B, S, N_col)
         enc_coords = self.enc_bbox_embed(output_memory) + props  # (B, S, 4) logit space
         scores = enc_logits.max(-1)[0].masked_fill(invalid, float("-inf"))
-        k = min(self.num_queries, scores.shape[1])
+        # a comparison, not min(): under torch.export it becomes a check on the input size and k
+        # stays a constant (min() of a symbolic size would make the query count symbolic)
+        k = self.num_queries if scores.shape[1] >= self.num_queries else scores.shape[1]
         topk = scores.topk(k, dim=1).indices  # (B, k)
         top_coords = enc_coords.gather(1, topk[..., None].expand(-1, -1, 4))
         top_logits = enc_logits.gather(1, topk[..., None].expand(-1, -1, enc_logits.shape[-1]))
