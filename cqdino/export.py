@@ -100,7 +100,7 @@ class ExportableDetector(nn.Module):
         head = m.class_head
         feat = features[head.in_feature]
         mask = level_masks(image_sizes, tuple(feat.shape[-2:]), head.in_stride, feat.device)
-        out = head.selector(self.category_queries, feat, mask)
+        out = head.selector(self.category_queries, feat, mask, num_topk=head.test_topk)
         return ClassHeadState(indices=out.indices, embeddings=out.tokens)
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -320,7 +320,8 @@ def export_program(
 def detections_per_image(model: DINO) -> int:
     """Detections per image of the exported model (``N``)."""
     head = model.class_head
-    columns = getattr(head, "num_topk", None) or head.num_classes
+    columns = getattr(head, "test_topk", None) or getattr(head, "num_topk", None)
+    columns = columns or head.num_classes
     return min(model.select_box_nums_for_evaluation, model.transformer.num_queries * columns)
 
 

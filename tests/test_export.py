@@ -47,7 +47,9 @@ def _tiny(kind: str):
     if kind == "dino":
         model = tiny_dino(num_queries=40, layers=1, embed_dim=64, ffn_dim=128, width=16)
     else:
-        model = tiny_cqdino(num_queries=40, layers=1, width=16, num_categories=12, topk=6)
+        model = tiny_cqdino(
+            num_queries=40, layers=1, width=16, num_categories=12, topk=6, test_topk=9
+        )
     return model.eval()
 
 
