@@ -164,6 +164,21 @@ def _class_names(cfg, num_classes: int, checkpoint: Optional[dict] = None) -> Tu
     return [f"class {i}" for i in range(num_classes)], f"numbered ({why})"
 
 
+def _use_saved_category_names(cfg, checkpoint: str) -> None:
+    """A model whose structure follows its category names (compositional queries: one word
+    vector per distinct word) is built from the names saved with its checkpoint, not from
+    whatever dataset is registered now."""
+    head = cfg.model.get("class_head") if "model" in cfg else None
+    if not checkpoint or head is None or head.get("category_names") is None:
+        return
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get("class_names")
+    except Exception:  # unreadable: load_weights_strict reports it in one line
+        return
+    if saved:
+        head.category_names = list(saved)
+
+
 def load_predictor(cfg) -> Predictor:
     """Build ``cfg.model``, load ``train.init_checkpoint`` (weights only) and put it in eval
     mode on ``train.device`` (the CPU when CUDA is not available)."""
@@ -171,6 +186,7 @@ def load_predictor(cfg) -> Predictor:
     checkpoint = cfg.train.get("init_checkpoint", "") if "train" in cfg else ""
     if checkpoint and not os.path.isfile(checkpoint):
         raise InputError(f"train.init_checkpoint={checkpoint}: no such file")
+    _use_saved_category_names(cfg, checkpoint)
     with generation_disabled():  # inference never creates a dataset (e.g. for its tree)
         model = instantiate(cfg.model)
     extra = {}

@@ -73,11 +73,11 @@ def test_outputs(reference_run, tiny_datasets):
     names = (tiny_datasets / "synthetic_vocab" / "category_names.txt").read_text()
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert final["class_names"] == names.splitlines()
-    # configs/demo.py: lr 6e-4, x0.1 at 1/2 and 3/4 of max_iter (6, 9); linear warm-up from
-    # 0.1x over 50 iterations, cut to end at the first step
+    # configs/demo.py: lr 1.2e-3, x0.1 at 0.9 of max_iter (round(10.8) = 11); linear warm-up
+    # from 0.1x over 50 iterations, cut to end at the step
     for i in range(12):
-        mult = 0.1 + 0.9 * i / 6 if i < 6 else (0.1 if i < 9 else 0.01)
-        assert metrics[i]["lr"] == pytest.approx(6e-4 * mult, rel=1e-6), i
+        mult = 0.1 + 0.9 * i / 11 if i < 11 else 0.1
+        assert metrics[i]["lr"] == pytest.approx(1.2e-3 * mult, rel=1e-6), i
     ckpt = torch.load(out / "model_0000007.pth", map_location="cpu", weights_only=True)
     assert ckpt["iteration"] == 7 and "optimizer" in ckpt["trainer"]
     # after 8 iterations of batch 2: 16 stream items went into batches, the rest of what was
