@@ -99,7 +99,8 @@ def ensure_dataset(root: str, num_categories: int, num_images: int, seed: int) -
             out,
             num_categories=num_categories,
             num_train_images=num_images,
-            num_val_images=0,
+            num_val_images=1,  # not written: the train split alone
+            splits=["train"],
             seed=seed,
             overwrite=os.path.exists(out),
         )
