@@ -1,6 +1,6 @@
 """The synthetic vast vocabulary (``synthetic_vocab_{train,val}``, generated under
 ``$DETECTRON2_DATASETS/synthetic_vocab`` on first use: 1,000 long-tailed categories in a
-category tree, 2,000 train / 500 val images of 256 x 320). Images keep their size (no resize),
+category tree, 4,000 train / 500 val images of 256 x 320). Images keep their size (no resize),
 horizontal flip; the V3Det-style evaluator."""
 
 from .v3det import dataloader
