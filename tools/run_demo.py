@@ -124,10 +124,9 @@ def diagnostics(output_dir: Path) -> str:
 
 def evaluate_rendering(output_dir: Path, overrides) -> dict:
     """AP of the trained model on the val split rendered with another image seed."""
-    import torch
     from detectron2.config import LazyConfig, instantiate
 
-    from cqdino.engine import inference_on_dataset
+    from cqdino.engine import inference_on_dataset, load_weights_strict
 
     cfg = LazyConfig.load(str(CONFIG))
     cfg = LazyConfig.apply_overrides(
@@ -137,8 +136,7 @@ def evaluate_rendering(output_dir: Path, overrides) -> dict:
     )
     cfg.dataloader.evaluator.output_dir = str(output_dir / f"inference_{RENDERING}")
     model = instantiate(cfg.model)
-    state = torch.load(output_dir / "model_final.pth", map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    load_weights_strict(model, str(output_dir / "model_final.pth"))
     model.eval()
     results = inference_on_dataset(
         model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
