@@ -15,13 +15,13 @@ Configs::
 
 import hashlib
 import os
-import re
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from cqdino.utils.io import atomic_write
+from cqdino.utils.text import name_words
 
 __all__ = ["bag_of_words_embeddings", "name_embedding_file"]
 
@@ -30,11 +30,6 @@ def _word_vector(word: str, dim: int) -> np.ndarray:
     seed = int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "little")
     v = np.random.default_rng(seed).standard_normal(dim)
     return v / np.linalg.norm(v)
-
-
-def _words(name: str) -> List[str]:
-    words = re.findall(r"[\w-]+", name.lower())
-    return [w for w in words if w not in {"with", "a", "an", "the", "of", "and"}] or [name]
 
 
 def bag_of_words_embeddings(names: Sequence[str], dim: int = 256) -> np.ndarray:
@@ -46,7 +41,7 @@ def bag_of_words_embeddings(names: Sequence[str], dim: int = 256) -> np.ndarray:
     cache = {}
     rows = []
     for name in names:
-        vecs = [cache.setdefault(w, _word_vector(w, dim)) for w in _words(name)]
+        vecs = [cache.setdefault(w, _word_vector(w, dim)) for w in name_words(name)]
         v = np.mean(vecs, axis=0)
         rows.append(v / np.linalg.norm(v))
     return np.stack(rows).astype(np.float32)

@@ -255,7 +255,7 @@ def test_name_words_hand_computed():
         "border",
     ]
     assert name_words("pair of shoes") == ["pair", "shoes"]
-    assert name_words("The") == ["the"]  # stop words only: the name itself
+    assert name_words("The") == ["The"]  # stop words only: the name itself
 
 
 def test_bag_of_words_encoder_is_the_mean_of_its_word_rows():

@@ -11,12 +11,13 @@ This module does not import ``cqdino.data``: the hierarchy enters through the re
 """
 
 import os
-import re
 from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cqdino.utils.text import name_words
 
 __all__ = [
     "BagOfWordsEncoder",
@@ -25,16 +26,6 @@ __all__ = [
     "load_category_embeddings",
     "name_words",
 ]
-
-# Words that carry no meaning of their own in a category name.
-_STOP_WORDS = frozenset({"with", "a", "an", "the", "of", "and", "or", "in", "on"})
-
-
-def name_words(name: str) -> List[str]:
-    """The words of a category name: lower case, split on anything but letters, digits, ``-``
-    and ``_``; stop words dropped (a name of stop words only is one word, itself)."""
-    words = re.findall(r"[\w-]+", name.lower())
-    return [w for w in words if w not in _STOP_WORDS] or [name.lower()]
 
 
 class BagOfWordsEncoder(nn.Module):
