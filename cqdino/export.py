@@ -30,7 +30,6 @@ by the ONNX functions (``pip install -e .[export]``).
 import json
 import math
 import os
-import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -41,6 +40,7 @@ from cqdino.modeling.cqdino.contrastive_head import ContrastiveClassHead
 from cqdino.modeling.dino.heads import ClassHeadState
 from cqdino.modeling.dino.meta_arch import DINO
 from cqdino.modeling.dino.neck import level_masks
+from cqdino.utils.io import atomic_save
 
 __all__ = [
     "INPUT_NAMES",
@@ -237,28 +237,11 @@ def check_output_path(path: str, suffix: str, overwrite: bool = False) -> None:
         raise PermissionError(f"--output {path!r}: folder {folder!r} is not writable")
 
 
-def _atomic_save(path: str, save: Callable[[str], None], overwrite: bool) -> None:
-    """``save(tmp)`` to a temporary file next to ``path``, then rename it onto ``path`` (with
-    the permissions the user's umask gives a new file); never replaces an existing file unless
+def _save(path: str, save: Callable[[str], None], overwrite: bool) -> None:
+    """:func:`cqdino.utils.io.atomic_save` with the output's extension on the temporary name
+    (the exporters pick the format from it); no existing file is replaced unless
     ``overwrite``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        save(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if path appeared meanwhile: never clobbers
-            os.remove(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_save(path, save, overwrite=overwrite, suffix=os.path.splitext(path)[1])
 
 
 def example_inputs(limits: Dict[str, int], device) -> Tuple[Tensor, Tensor]:
@@ -331,7 +314,7 @@ def save_program(
     """Atomically write ``program`` to ``path`` (``.pt2``), with ``info`` as ``cqdino.json``
     inside the archive."""
     extra = {"cqdino.json": json.dumps(info, indent=1)}
-    _atomic_save(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra), overwrite)
+    _save(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra), overwrite)
 
 
 def load_program(path: str) -> torch.export.ExportedProgram:
@@ -350,9 +333,7 @@ def aoti_package(program: torch.export.ExportedProgram, path: str, overwrite: bo
     through the proxy executor)."""
     from torch._inductor import aoti_compile_and_package
 
-    _atomic_save(
-        path, lambda tmp: aoti_compile_and_package(program, package_path=tmp), overwrite=overwrite
-    )
+    _save(path, lambda tmp: aoti_compile_and_package(program, package_path=tmp), overwrite)
 
 
 def export_onnx(
@@ -382,7 +363,7 @@ def export_onnx(
     model = onnx_program.model
     if info is not None:
         model.metadata_props["cqdino"] = json.dumps(info)
-    _atomic_save(path, lambda tmp: onnx_program.save(tmp, external_data=False), overwrite)
+    _save(path, lambda tmp: onnx_program.save(tmp, external_data=False), overwrite)
 
 
 def detections_match(

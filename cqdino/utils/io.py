@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Optional
 __all__ = [
     "InputError",
     "umask",
+    "atomic_save",
     "atomic_write",
     "make_temp_dir",
     "check_output_dir",
@@ -33,22 +34,39 @@ def umask() -> int:
     return mask
 
 
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """``write(f)`` into a temporary file next to ``path``, fsync, rename onto ``path``.
+def atomic_save(
+    path: str, save: Callable[[str], None], overwrite: bool = True, suffix: str = ".tmp"
+) -> None:
+    """``save(tmp)`` writes a temporary file (by name: for libraries that take a path) next to
+    ``path``; it is fsynced and renamed onto ``path``.
 
     The file gets the permissions of a newly created file (0666 less the umask); a reader never
-    sees a partial file, and a failure leaves ``path`` as it was.
+    sees a partial file, and a failure leaves ``path`` as it was. With ``overwrite=False`` an
+    existing ``path`` is never replaced, not even one that appears while ``save`` runs (the
+    temporary file is hard-linked into place, which fails on an existing name):
+    ``FileExistsError`` naming it. ``suffix`` ends the temporary name (some writers want
+    ``.pt2`` or ``.onnx``); the name starts with ``.<basename of path>.``.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~umask())
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists; not replaced (overwrite is off)") from None
+            os.remove(tmp)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -61,6 +79,19 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def atomic_write(
+    path: str, write: Callable[[Any], None], mode: str = "wb", overwrite: bool = True
+) -> None:
+    """``write(f)`` into a temporary file object next to ``path``, then as :func:`atomic_save`
+    (fsync, rename; umask permissions; ``overwrite=False`` never replaces an existing file)."""
+
+    def save(tmp: str) -> None:
+        with open(tmp, mode) as f:
+            write(f)
+
+    atomic_save(path, save, overwrite=overwrite)
 
 
 def make_temp_dir(prefix: str, dir: str) -> str:

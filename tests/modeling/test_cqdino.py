@@ -150,6 +150,25 @@ def test_bce_variant_weight():
     torch.testing.assert_close(state.losses["loss_select"], 0.1 * ref * 2)
 
 
+@pytest.mark.parametrize("weight", [0.0, 3.5])
+def test_selection_loss_weight_replaces_the_preset(weight):
+    torch.manual_seed(0)
+    head = _head(selection_loss="bce", selection_loss_weight=weight).double()
+    x = torch.randn(1, 8, 2, 2, dtype=torch.float64)
+    state = head.prepare({"res5": x}, [(64, 64)], [torch.tensor([2])])
+    scores = head.selector.score(head.selector.encode(head.category_queries(), x)).squeeze(-1)
+    y = torch.zeros(1, C, dtype=torch.float64)
+    y[0, 2] = 1
+    ref = nn.functional.binary_cross_entropy_with_logits(scores, y, reduction="sum")
+    torch.testing.assert_close(state.losses["loss_select"], weight * ref * 2)
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf")])
+def test_selection_loss_weight_rejects_bad_values(weight):
+    with pytest.raises(ValueError, match="selection_loss_weight"):
+        _head(selection_loss_weight=weight)
+
+
 # ----------------------------------------------------------------------------- targets
 def _capture_targets(model):
     seen = {}

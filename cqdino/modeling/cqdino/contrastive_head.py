@@ -236,6 +236,7 @@ def build_contrastive_class_head(
     word_dim: Optional[int] = None,
     category_residual: bool = False,
     selection_loss: str = "asl",
+    selection_loss_weight: Optional[float] = None,
     force_gt: bool = False,
     in_feature: str = "res5",
     in_stride: int = 32,
@@ -271,6 +272,7 @@ def build_contrastive_class_head(
             free ``[C, d]`` parameter. Exclusive with ``init_embeddings``.
         selection_loss: "asl" (V3Det: ASL gamma- 7, clip 0.05, sum, weight 1) or "bce" (COCO:
             summed BCE, weight 0.1).
+        selection_loss_weight: replaces the preset's weight (None: the preset's, 1 / 0.1).
         force_gt, in_feature, in_stride, prior_prob, test_topk: see
             :class:`ContrastiveClassHead`.
     """
@@ -279,6 +281,12 @@ def build_contrastive_class_head(
     if selection_loss not in _SELECTION_LOSSES:
         raise ValueError(
             f"selection_loss must be one of {sorted(_SELECTION_LOSSES)}, got {selection_loss!r}"
+        )
+    if selection_loss_weight is not None and not (
+        math.isfinite(selection_loss_weight) and selection_loss_weight >= 0
+    ):
+        raise ValueError(
+            f"selection_loss_weight must be a finite number >= 0, got {selection_loss_weight!r}"
         )
     if relation == "tree" and not tree_file:
         raise ValueError("relation='tree' needs tree_file (a category tree json)")
@@ -321,10 +329,13 @@ def build_contrastive_class_head(
         checkpoint_chunks=selector_checkpoint,
         query_skip=selector_query_skip,
     )
+    sel_loss = _SELECTION_LOSSES[selection_loss]()
+    if selection_loss_weight is not None:
+        sel_loss.weight = float(selection_loss_weight)
     return ContrastiveClassHead(
         queries,
         selector,
-        _SELECTION_LOSSES[selection_loss](),
+        sel_loss,
         num_decoder_layers=num_decoder_layers,
         in_feature=in_feature,
         in_stride=in_stride,
