@@ -5,6 +5,9 @@
   name's attributes (shape, colour, texture, border) is.
 * :func:`boxes_per_category`: the training data's boxes per category (min / median / max, and
   the categories without any).
+* :func:`linear_probe`: whether features carry an attribute at all: a softmax regression fitted
+  on one set of (feature, label) pairs and scored on another (``tools/feature_probe.py`` feeds
+  it the detector's object features and its backbone features inside the GT boxes).
 
 Both read what the demo writes: the COCO jsons of ``cqdino.data.synthetic`` and the evaluator's
 ``v3det_predictions.npz``.
@@ -15,7 +18,13 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["attribute_accuracy", "boxes_per_category", "load_predictions", "ATTRIBUTES"]
+__all__ = [
+    "attribute_accuracy",
+    "boxes_per_category",
+    "linear_probe",
+    "load_predictions",
+    "ATTRIBUTES",
+]
 
 ATTRIBUTES = ("shape", "colour", "texture", "border")
 
@@ -118,4 +127,69 @@ def boxes_per_category(json_file: str) -> Dict[str, float]:
         "median": float(np.median(c)) if len(c) else 0.0,
         "max": int(c.max()) if len(c) else 0,
         "empty": int((c == 0).sum()),
+    }
+
+
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    steps: int = 500,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+) -> Dict[str, float]:
+    """Accuracy (%) of a multinomial logistic regression fitted on ``train_x [N, D]`` /
+    ``train_y [N]`` (int labels) and applied to ``val_x`` / ``val_y``.
+
+    Features are standardised with the training set's mean and std; full-batch Adam for
+    ``steps`` steps. Returns ``train``, ``val`` and ``majority`` (the val accuracy of always
+    answering the most frequent val label: what a probe on features without the attribute
+    scores), plus the counts ``n_train`` / ``n_val``.
+    """
+    import torch
+
+    train_x = np.asarray(train_x, np.float64)
+    val_x = np.asarray(val_x, np.float64)
+    train_y = np.asarray(train_y, np.int64)
+    val_y = np.asarray(val_y, np.int64)
+    if train_x.ndim != 2 or val_x.ndim != 2 or train_x.shape[1] != val_x.shape[1]:
+        raise ValueError(
+            f"linear_probe: features must be [N, D] with one D, got {train_x.shape} and "
+            f"{val_x.shape}"
+        )
+    if len(train_x) != len(train_y) or len(val_x) != len(val_y) or not len(train_y):
+        raise ValueError(
+            f"linear_probe: {len(train_x)}/{len(train_y)} train and {len(val_x)}/{len(val_y)} "
+            "val features/labels (non-empty, one label per row)"
+        )
+    if min(train_y.min(), val_y.min(initial=0)) < 0:
+        raise ValueError("linear_probe: labels must be >= 0")
+    num_classes = int(max(train_y.max(), val_y.max(initial=0))) + 1
+    mu = train_x.mean(0)
+    sd = train_x.std(0) + 1e-6
+    x = torch.from_numpy((train_x - mu) / sd)
+    xv = torch.from_numpy((val_x - mu) / sd)
+    y = torch.from_numpy(train_y)
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(x.shape[1], num_classes, generator=gen, dtype=torch.float64) * 0.01)
+    b = torch.zeros(num_classes, dtype=torch.float64)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(x @ w + b, y).backward()
+        opt.step()
+    with torch.no_grad():
+        acc_tr = ((x @ w + b).argmax(1) == y).double().mean().item()
+        acc_va = ((xv @ w + b).argmax(1).numpy() == val_y).mean() if len(val_y) else float("nan")
+    majority = np.bincount(val_y).max() / len(val_y) if len(val_y) else float("nan")
+    return {
+        "train": 100.0 * acc_tr,
+        "val": 100.0 * float(acc_va),
+        "majority": 100.0 * float(majority),
+        "n_train": float(len(train_y)),
+        "n_val": float(len(val_y)),
     }

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cqdino.data import synthetic
-from cqdino.evaluation.diagnostics import attribute_accuracy, boxes_per_category
+from cqdino.evaluation.diagnostics import attribute_accuracy, boxes_per_category, linear_probe
 
 ATTRS = {1: (0,), 20: (0, 1, 2, 3), 21: (0, 1, 5, 3), 22: (1, 1, 5, 3)}
 
@@ -64,3 +64,42 @@ def test_category_attributes_follow_the_names():
             if len(a) == 1
             else (c["name"].startswith(f"{colours[a[1]]} {synthetic.TEXTURES[a[2]]}"))
         )
+
+
+# ----------------------------------------------------------------------------- linear probe
+def _probe_data(rng, n, signal):
+    """Labels 0..3; 6-d features, the first two encode the label (angle on a circle) with
+    strength ``signal``, the rest noise."""
+    y = rng.integers(0, 4, size=n)
+    angle = y * np.pi / 2
+    x = rng.standard_normal((n, 6))
+    x[:, 0] += signal * np.cos(angle)
+    x[:, 1] += signal * np.sin(angle)
+    return x, y
+
+
+def test_linear_probe_finds_a_linearly_coded_attribute():
+    rng = np.random.default_rng(0)
+    xt, yt = _probe_data(rng, 400, signal=6.0)
+    xv, yv = _probe_data(rng, 400, signal=6.0)
+    out = linear_probe(xt, yt, xv, yv)
+    # classes 6 apart with unit noise: the Bayes error is tiny
+    assert out["val"] > 95 and out["train"] > 95
+    assert out["n_train"] == 400 and out["n_val"] == 400
+    assert out["majority"] == pytest.approx(100 * np.bincount(yv).max() / 400)
+
+
+def test_linear_probe_at_majority_without_signal():
+    rng = np.random.default_rng(1)
+    xt, yt = _probe_data(rng, 300, signal=0.0)
+    xv, yv = _probe_data(rng, 2000, signal=0.0)
+    out = linear_probe(xt, yt, xv, yv)
+    # 4 balanced classes: chance is 25 %; 2,000 val draws keep the probe within a few points
+    assert abs(out["val"] - 25) < 5
+
+
+def test_linear_probe_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="linear_probe"):
+        linear_probe(np.zeros((3, 2)), np.zeros(3), np.zeros((3, 4)), np.zeros(3))
+    with pytest.raises(ValueError, match="linear_probe"):
+        linear_probe(np.zeros((3, 2)), np.zeros(2), np.zeros((3, 2)), np.zeros(3))
