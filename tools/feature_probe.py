@@ -165,9 +165,7 @@ def main(argv: List[str] = None) -> int:
         for k, name in enumerate(ATTRIBUTES):
             r = linear_probe(tr[source], tr["labels"][:, k], va[source], va["labels"][:, k])
             results[source][name] = r
-            print(
-                f"{source:9s} {name:9s} {r['train']:8.1f} {r['val']:6.1f} {r['majority']:10.1f}"
-            )
+            print(f"{source:9s} {name:9s} {r['train']:8.1f} {r['val']:6.1f} {r['majority']:10.1f}")
     if args.json:
         out = dict(
             results,

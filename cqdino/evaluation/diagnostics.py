@@ -173,7 +173,7 @@ def linear_probe(
     xv = torch.from_numpy((val_x - mu) / sd)
     y = torch.from_numpy(train_y)
     gen = torch.Generator().manual_seed(seed)
-    w = (torch.randn(x.shape[1], num_classes, generator=gen, dtype=torch.float64) * 0.01)
+    w = torch.randn(x.shape[1], num_classes, generator=gen, dtype=torch.float64) * 0.01
     b = torch.zeros(num_classes, dtype=torch.float64)
     w.requires_grad_(True)
     b.requires_grad_(True)
