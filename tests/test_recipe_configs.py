@@ -71,18 +71,20 @@ RECIPES = {
     "coco": Recipe("coco", "CQDINO", "R50", head=COCO_HEAD, **COCO_12EP),
     "coco_swinl": Recipe("coco", "CQDINO", "swin_l", head=COCO_HEAD, **COCO_12EP),
     "dino_coco": Recipe("coco", "DINO", "R50", **COCO_12EP),
-    # 1.6 epochs at batch 8 (the demo's time budget); one step at 0.9 of the run
+    # 1.36 epochs at batch 8 (the demo's time budget); one step at 0.9 of the run
     "demo": Recipe(
         "synthetic",
         "CQDINO",
         "R18",
-        epochs=1.6,
-        milestone_epochs=(1.44,),
+        epochs=1.36,
+        milestone_epochs=(1.224,),
         batch=8,
         head=dict(topk=100, relation="tree", selection_loss="asl", force_gt=True),
     ),
     # the DINO baseline at the demo's size (demo.py with the linear head)
-    "demo_dino": Recipe("synthetic", "DINO", "R18", epochs=1.6, milestone_epochs=(1.44,), batch=8),
+    "demo_dino": Recipe(
+        "synthetic", "DINO", "R18", epochs=1.36, milestone_epochs=(1.224,), batch=8
+    ),
 }
 LIGHT = {"demo", "demo_dino"}  # the others: full-width R50/Swin, 13,204 categories
 
