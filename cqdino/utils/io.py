@@ -34,6 +34,15 @@ def umask() -> int:
     return mask
 
 
+def _fsync(path: str) -> None:
+    """Flush a file's or a folder's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_save(
     path: str, save: Callable[[str], None], overwrite: bool = True, suffix: str = ".tmp"
 ) -> None:
@@ -54,11 +63,7 @@ def atomic_save(
     try:
         save(tmp)
         os.chmod(tmp, 0o666 & ~umask())
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -72,11 +77,7 @@ def atomic_save(
             os.remove(tmp)
         raise
     try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync(folder)
     except OSError:
         pass
 
