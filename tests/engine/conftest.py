@@ -47,6 +47,17 @@ def tiny_datasets(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_datasets, tmp_path_factory) -> Path:
+    """``model_final.pth`` of configs/demo.py with TINY_OVERRIDES after 2 iterations (shared by
+    the tools' tests that only need some trained weights of the demo's architecture)."""
+    out = tmp_path_factory.mktemp("tiny_demo_train")
+    args = ["--config-file", str(ROOT / "configs" / "demo.py"), *TINY_OVERRIDES]
+    proc = run_train_net(tiny_datasets, args + [f"train.output_dir={out}", "train.max_iter=2"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out / "model_final.pth"
+
+
 @pytest.fixture
 def synthetic_vocab(tiny_datasets):
     """``synthetic_vocab_{train,val}`` registered on the tiny dataset in this process for one

@@ -18,7 +18,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from PIL import Image
 
-from .conftest import ROOT, TINY_CATEGORIES, TINY_OVERRIDES, run_train_net
+from .conftest import ROOT, TINY_CATEGORIES, TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +26,8 @@ CONFIG = ["--config-file", str(ROOT / "configs" / "demo.py")]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_datasets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo_tool_train")
-    args = CONFIG + TINY_OVERRIDES + [f"train.output_dir={out}", "train.max_iter=2"]
-    proc = run_train_net(tiny_datasets, args)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out / "model_final.pth"
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 def run_demo(datasets: Path, ckpt: Path, inputs, output: Path, confidence: float):

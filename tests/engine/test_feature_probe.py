@@ -13,7 +13,7 @@ import pytest
 
 from cqdino.data.synthetic import category_attributes
 
-from .conftest import ROOT, TINY_CATEGORIES, TINY_OVERRIDES, run_train_net
+from .conftest import ROOT, TINY_CATEGORIES, TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +22,8 @@ TOOL = str(ROOT / "tools" / "feature_probe.py")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_datasets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("probe_train")
-    args = CONFIG + TINY_OVERRIDES + [f"train.output_dir={out}", "train.max_iter=2"]
-    proc = run_train_net(tiny_datasets, args)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out / "model_final.pth"
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 def _run(datasets: Path, *args):
