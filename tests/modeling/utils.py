@@ -32,6 +32,7 @@ def tiny_dino(
     depth: int = 18,
     num_points: int = 4,
     width: int = 64,
+    word_head: Optional[torch.nn.Module] = None,
 ) -> DINO:
     """R18 backbone (from-scratch preset), ``layers`` + ``layers`` transformer, 4 levels."""
     backbone = build_resnet(depth, norm="BN", freeze_at=0, width=width)
@@ -53,6 +54,7 @@ def tiny_dino(
         pixel_mean=(103.53, 116.28, 123.675),
         pixel_std=(57.375, 57.120, 58.395),
         dn_number=dn_number,
+        word_head=word_head,
     )
 
 

@@ -17,6 +17,7 @@ from .neck import ChannelMapper, MaskedGroupNorm, level_masks
 from .param_groups import get_dino_optimizer_params, get_optimizer_params
 from .position_encoding import PositionEmbeddingSine, sine_embed_boxes
 from .transformer import DeformableDecoder, DeformableEncoder, DINOTransformer
+from .word_head import NameWordHead
 
 __all__ = [
     "BACKBONE_PRESETS",
@@ -42,4 +43,5 @@ __all__ = [
     "DeformableDecoder",
     "DeformableEncoder",
     "DINOTransformer",
+    "NameWordHead",
 ]

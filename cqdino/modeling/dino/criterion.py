@@ -64,6 +64,11 @@ class SetCriterion(nn.Module):
             ``p ** a * IoU ** (1 - a)`` with ``a = iou_target_alpha`` (Align-DETR), ``p`` the
             predicted probability. Both detached; the loss is then :func:`quality_focal_loss`.
         iou_target_alpha: ``a`` of ``"align"``.
+        loss_word_weight: weight of ``loss_word``, the auxiliary name-word loss
+            (:class:`~cqdino.modeling.dino.word_head.NameWordHead`): binary cross-entropy of a
+            matched query's word logits (``pred_words``) against the words of its GT's name
+            (``targets[i]["words"]``), summed over words and normalised like the other terms.
+            Computed only for prediction sets that carry ``pred_words``.
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class SetCriterion(nn.Module):
         focal_gamma: float = 2.0,
         iou_target: str = "none",
         iou_target_alpha: float = 0.25,
+        loss_word_weight: float = 1.0,
     ):
         super().__init__()
         if iou_target not in IOU_TARGETS:
@@ -87,6 +93,7 @@ class SetCriterion(nn.Module):
             "loss_class": loss_class_weight,
             "loss_bbox": loss_bbox_weight,
             "loss_giou": loss_giou_weight,
+            "loss_word": loss_word_weight,
         }
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
@@ -98,6 +105,7 @@ class SetCriterion(nn.Module):
         indices: List[Tuple[Tensor, Tensor]],
         num_boxes: Union[float, Tensor],
         quality: bool = True,
+        pred_words: Optional[Tensor] = None,
     ) -> Dict[str, Tensor]:
         """Unweighted losses of one prediction set (no host sync).
 
@@ -107,6 +115,8 @@ class SetCriterion(nn.Module):
             indices: per image ``(query_idx, target_idx)``.
             num_boxes: normaliser.
             quality: apply ``iou_target`` (False for the DN groups).
+            pred_words: optional ``[B, Q, W]`` word logits; then every target has ``"words"``
+                ``[G, W]`` and ``loss_word`` is returned too.
         """
         B, Q, N = pred_logits.shape
         device = pred_logits.device
@@ -141,6 +151,12 @@ class SetCriterion(nn.Module):
         losses = {"loss_class": cls.sum() / num_boxes}
         losses["loss_bbox"] = F.l1_loss(src, gt_boxes, reduction="sum") / num_boxes
         losses["loss_giou"] = (1 - giou).sum() / num_boxes
+        if pred_words is not None:
+            words = torch.cat([t["words"][g.to(device)] for t, (_, g) in zip(targets, indices)])
+            bce = F.binary_cross_entropy_with_logits(
+                pred_words[batch_idx, query_idx], words.to(pred_words.dtype), reduction="sum"
+            )
+            losses["loss_word"] = bce / num_boxes
         return losses
 
     def _weighted(self, losses: Dict[str, Tensor], suffix: str) -> Dict[str, Tensor]:
@@ -194,7 +210,12 @@ class SetCriterion(nn.Module):
         losses = {}
         for (out, suffix), indices in zip(sets, matches):
             single = self.loss_single(
-                out["pred_logits"], out["pred_boxes"], targets, indices, num_boxes
+                out["pred_logits"],
+                out["pred_boxes"],
+                targets,
+                indices,
+                num_boxes,
+                pred_words=out.get("pred_words"),
             )
             losses.update(self._weighted(single, suffix))
 
@@ -210,6 +231,7 @@ class SetCriterion(nn.Module):
                     dn_meta["indices"],
                     num_dn,
                     quality=False,
+                    pred_words=out.get("pred_words"),
                 )
                 losses.update(self._weighted(single, suffix))
         return losses

@@ -63,6 +63,8 @@ class DINO(nn.Module):
         select_box_nums_for_evaluation: int = 300,
         size_divisibility: int = 0,
         zero_backbone_padding: bool = True,
+        word_head: Optional[nn.Module] = None,
+        word_score_weight: float = 0.0,
     ):
         """
         Args:
@@ -85,6 +87,14 @@ class DINO(nn.Module):
                 (:class:`~cqdino.modeling.dino.backbone.ConvPaddingZeroer`), so with the masked
                 neck and transformer an image's detections do not depend on the batch it is in
                 (exact for CNN backbones in inference).
+            word_head: optional :class:`~cqdino.modeling.dino.word_head.NameWordHead`: in
+                training the matched queries of every decoder layer, of the DN groups
+                and of the encoder proposals also predict the words of their GT's name (the
+                criterion's ``loss_word``).
+            word_score_weight: with a word head, add this times the word model's
+                log-posterior over the logit columns
+                (:meth:`~cqdino.modeling.dino.word_head.NameWordHead.column_log_probs`) to the
+                last layer's logits at inference (0: the words are a training loss only).
         """
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -97,6 +107,13 @@ class DINO(nn.Module):
         self.transformer = transformer
         self.class_head = class_head
         self.criterion = criterion
+        if word_score_weight < 0 or (word_score_weight and word_head is None):
+            raise ValueError(
+                f"word_score_weight={word_score_weight} needs a word_head and must be >= 0 "
+                "(set model.word_head, or word_score_weight=0)"
+            )
+        self.word_head = word_head
+        self.word_score_weight = float(word_score_weight)
         embed_dim = transformer.embed_dim
         self.dn_generator = (
             CDNGenerator(
@@ -283,14 +300,26 @@ class DINO(nn.Module):
         ]
 
         if not self.training:
+            if self.word_score_weight:
+                words = self.word_head.column_log_probs(hidden[-1][:, num_dn:], state.indices)
+                last = layers[-1]["pred_logits"] + self.word_score_weight * words
+                layers[-1] = dict(layers[-1], pred_logits=last)
             return self.inference(layers[-1], state, images, batched_inputs)
 
+        dn_layers = [
+            {"pred_logits": lg[:, :num_dn], "pred_boxes": bx[:, :num_dn]}
+            for lg, bx in zip(logits, boxes)
+        ]
+        if self.word_head is not None:
+            for t in targets:
+                t["words"] = self.word_head.targets(t["classes"])
+            for h, out, dn_out in zip(hidden, layers, dn_layers):
+                words = self.word_head(h)
+                out["pred_words"], dn_out["pred_words"] = words[:, num_dn:], words[:, :num_dn]
+            enc_outputs["pred_words"] = self.word_head(enc_outputs.pop("hidden"))
         outputs = dict(layers[-1], aux_outputs=layers[:-1], enc_outputs=enc_outputs)
         if dn_meta is not None:
-            outputs["dn_outputs"] = [
-                {"pred_logits": lg[:, :num_dn], "pred_boxes": bx[:, :num_dn]}
-                for lg, bx in zip(logits, boxes)
-            ]
+            outputs["dn_outputs"] = dn_layers
         losses = self.criterion(outputs, targets, dn_meta)
         if self.dn_generator is not None and dn_meta is None:
             losses.update(self._zero_dn_losses(len(layers)))
@@ -301,10 +330,13 @@ class DINO(nn.Module):
         """DN loss keys for a batch without GT: zeros tied to the DN label table, so every rank
         reports the same keys and DDP sees the table used."""
         zero = self.dn_generator.label_embed.weight.sum() * 0.0
+        keys = ("loss_class", "loss_bbox", "loss_giou")
+        if self.word_head is not None:
+            keys += ("loss_word",)
         out = {}
         for i in range(num_layers):
             suffix = "_dn" if i == num_layers - 1 else f"_dn_{i}"
-            for k in ("loss_class", "loss_bbox", "loss_giou"):
+            for k in keys:
                 out[k + suffix] = zero
         return out
 

@@ -450,7 +450,8 @@ class DINOTransformer(nn.Module):
 
         Returns:
             ``(hidden [L, B, N_dn + Q, D], boxes [L, B, N_dn + Q, 4], enc_outputs, state)`` with
-            ``enc_outputs = {"pred_logits": [B, Q, N_col], "pred_boxes": [B, Q, 4]}`` of the
+            ``enc_outputs = {"pred_logits": [B, Q, N_col], "pred_boxes": [B, Q, 4]}`` (in
+            training also ``"hidden": [B, Q, D]``, the proposals' features) of the
             selected proposals.
         """
         if len(features) != self.num_levels:
@@ -487,6 +488,9 @@ class DINOTransformer(nn.Module):
         top_coords = enc_coords.gather(1, topk[..., None].expand(-1, -1, 4))
         top_logits = enc_logits.gather(1, topk[..., None].expand(-1, -1, enc_logits.shape[-1]))
         enc_outputs = {"pred_logits": top_logits, "pred_boxes": top_coords.sigmoid()}
+        if self.training:  # the proposals' features, for auxiliary losses (e.g. name words)
+            D = output_memory.shape[-1]
+            enc_outputs["hidden"] = output_memory.gather(1, topk[..., None].expand(-1, -1, D))
 
         B = src.shape[0]
         query = self.tgt_embed.weight[None, :k].expand(B, -1, -1)

@@ -1,0 +1,148 @@
+"""The auxiliary name-word loss: word targets from the names, the loss against a float64
+reference, and the meta-architecture's training step with the word head (keys, DDP policy)."""
+
+import math
+
+import pytest
+import torch
+
+from cqdino.modeling import DINO, HungarianMatcher, NameWordHead, SetCriterion
+from tests.modeling.test_matcher_criterion import rand_boxes
+from tests.modeling.utils import batch, tiny_dino
+
+NAMES = ["red circle", "blue dotted circle with thin dark border", "red star"]
+
+
+def test_word_targets_and_prior_bias_hand_computed():
+    head = NameWordHead(NAMES, embed_dim=8)
+    # words in order of first appearance; "with" is a stop word
+    assert head.words == ["red", "circle", "blue", "dotted", "thin", "dark", "border", "star"]
+    want = torch.tensor(
+        [
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [0, 1, 1, 1, 1, 1, 1, 0],
+            [1, 0, 0, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.float,
+    )
+    assert torch.equal(head.targets(torch.tensor([0, 1, 2])), want)
+    assert torch.equal(head.targets(torch.tensor([2, 2])), want[[2, 2]])
+    # bias = log-odds of the word's share of the names, clamped to <= 0.5: red and circle
+    # (2 of 3) start at 0, the others (1 of 3) at log(1/2)
+    expect = [0.0, 0.0] + [math.log(0.5)] * 6
+    assert head.linear.bias.tolist() == pytest.approx(expect, abs=1e-6)
+    assert head(torch.zeros(2, 5, 8)).shape == (2, 5, 8)
+    with pytest.raises(ValueError, match="category names"):
+        NameWordHead([], embed_dim=8)
+
+
+def test_loss_word_against_a_float64_reference(rng_seed):
+    """BCE of the matched queries' word logits against their GT's words, summed over words,
+    divided by the number of GT boxes, times the weight; written out element by element."""
+    gen = torch.Generator().manual_seed(rng_seed)
+    Q, N, W = 7, 4, 5
+    labels = torch.tensor([2, 0, 3])
+    words = (torch.rand(4, W, generator=gen) > 0.5).float()
+    t = [{"labels": labels, "boxes": rand_boxes(3, gen), "words": words[labels]}]
+    logits = torch.randn(1, Q, N, generator=gen)
+    boxes = rand_boxes(Q, gen)[None]
+    pred_words = torch.randn(1, Q, W, generator=gen) * 3
+    crit = SetCriterion(HungarianMatcher(), loss_word_weight=0.5)
+    q, g = crit.matcher(logits, boxes, t)[0]
+    out = {"pred_logits": logits, "pred_boxes": boxes, "pred_words": pred_words}
+    losses = crit(out, t)
+    ref = 0.0
+    for qi, gi in zip(q.tolist(), g.tolist()):
+        for w in range(W):
+            p = 1 / (1 + math.exp(-pred_words[0, qi, w].double().item()))
+            y = words[labels[gi], w].item()
+            ref -= y * math.log(p) + (1 - y) * math.log(1 - p)
+    assert losses["loss_word"].item() == pytest.approx(0.5 * ref / 3, rel=1e-5)
+    # without word logits there is no word loss
+    assert "loss_word" not in crit({"pred_logits": logits, "pred_boxes": boxes}, t)
+
+
+def _keys(num_layers, word):
+    suffixes = [""] + [f"_{i}" for i in range(num_layers - 1)] + ["_enc", "_dn"]
+    suffixes += [f"_dn_{i}" for i in range(num_layers - 1)]
+    keys = {f"loss_{k}{s}" for k in ("class", "bbox", "giou") for s in suffixes}
+    if word:  # every decoder layer, DN group and the encoder proposals
+        keys |= {f"loss_word{s}" for s in suffixes}
+    return keys
+
+
+@pytest.mark.parametrize("gt_counts", [(3, 2), (3, 0), (0, 0)])
+def test_training_step_with_word_head_keys_and_every_parameter_gets_a_gradient(gt_counts):
+    torch.manual_seed(0)
+    C = 3
+    model = tiny_dino(C, embed_dim=64, width=32, word_head=NameWordHead(NAMES, 64))
+    model.train()
+    losses = model(batch([(64, 96, gt_counts[0]), (64, 64, gt_counts[1])], C))
+    assert set(losses) == _keys(2, word=True)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    if sum(gt_counts):
+        assert model.word_head.linear.weight.grad.abs().sum() > 0
+        assert losses["loss_word"] > 0
+    # inference is unchanged by the word head
+    model.eval()
+    with torch.no_grad():
+        out = model(batch([(64, 96, 0)], C))
+    assert set(out[0]["instances"].get_fields()) == {"pred_boxes", "scores", "pred_classes"}
+
+
+def test_column_log_probs_is_the_posterior_of_the_independent_word_model(rng_seed):
+    """log_softmax over the columns of <l, y_c> equals the normalised joint likelihood
+    prod_w p_w^y (1 - p_w)^(1 - y), p = sigmoid(l), written out in float64."""
+    gen = torch.Generator().manual_seed(rng_seed)
+    head = NameWordHead(NAMES, embed_dim=6)
+    hidden = torch.randn(2, 4, 6, generator=gen)
+    columns = torch.tensor([[2, 0], [1, 2]])
+    got = head.column_log_probs(hidden, columns)
+    got_all = head.column_log_probs(hidden)  # the columns are the C classes (DINO)
+    logits = head(hidden).double()
+    Y = head.word_targets.double()
+    for b in range(2):
+        for q in range(4):
+            p = logits[b, q].sigmoid()
+            joint = torch.stack(
+                [(Y[c] * p.log() + (1 - Y[c]) * (1 - p).log()).sum() for c in range(3)]
+            )
+            post = joint - torch.logsumexp(joint, 0)
+            assert got_all[b, q].double().tolist() == pytest.approx(post.tolist(), abs=1e-5)
+            sub = joint[columns[b]]
+            post_k = sub - torch.logsumexp(sub, 0)
+            assert got[b, q].double().tolist() == pytest.approx(post_k.tolist(), abs=1e-5)
+
+
+def test_word_score_weight_changes_the_scores_and_needs_a_word_head():
+    torch.manual_seed(0)
+    C = 3
+    model = tiny_dino(C, embed_dim=64, width=32, word_head=NameWordHead(NAMES, 64)).eval()
+    inputs = batch([(64, 96, 0)], C)
+    with torch.no_grad():
+        plain = model(inputs)[0]["instances"]
+        model.word_score_weight = 1.0
+        scored = model(inputs)[0]["instances"]
+    assert len(plain) == len(scored)
+    assert not torch.allclose(plain.scores, scored.scores)
+    # the word term is a log-probability (<= 0): no score can grow
+    assert scored.scores.max() <= plain.scores.max() + 1e-6
+    with pytest.raises(ValueError, match="word_score_weight"):
+        DINO(**_dino_kwargs(model), word_score_weight=0.5)  # no word head
+
+
+def _dino_kwargs(model):
+    return dict(
+        backbone=model.backbone,
+        neck=model.neck,
+        position_embedding=model.position_embedding,
+        transformer=model.transformer,
+        class_head=model.class_head,
+        criterion=model.criterion,
+        pixel_mean=(103.53, 116.28, 123.675),
+        pixel_std=(57.375, 57.120, 58.395),
+    )
