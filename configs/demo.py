@@ -16,6 +16,12 @@ recipe, each measured at the demo budget (docs/evidence.md, "The demo recipe"):
 * lr 1.2e-3, classification loss weight 5 (at least as good as 2 with both seeds measured:
   AP 1.46 / 0.26 vs 0.48 / 0.27; at 10 the run collapses), gradient clip 1.0, one LR drop at
   0.9 of the run, sampling offsets at lr x 0.1 (Deformable-DETR's setting);
+* the name-word loss (``model.word_head``, :class:`~cqdino.modeling.NameWordHead`): every
+  matched query (decoder layers, DN groups, encoder proposals) also predicts the words of its
+  GT's name (weight ``criterion.loss_word_weight``), and at inference the words' posterior
+  over the columns is added to the logits (``word_score_weight``). Trained from scratch, the
+  detector otherwise learns where objects are long before what colour or texture they have
+  (docs/evidence.md, "Third round");
 * at inference every category is a column (``test_topk = C``): from scratch at this budget the
   selector's top-100 misses most GT categories;
 * NHWC convolutions and fused AdamW (speed only).
@@ -26,6 +32,7 @@ from detectron2.layers import ShapeSpec
 
 from cqdino.data import category_tree_file
 from cqdino.data.build import dataset_class_names
+from cqdino.modeling import NameWordHead
 
 from .common.data.synthetic import dataloader
 from .common.models.cqdino_r50 import model
@@ -77,6 +84,12 @@ model.class_head.selector_query_skip = True
 model.class_head.test_topk = "${.num_categories}"  # every category at inference (docstring)
 model.backbone.channels_last = True
 model.criterion.loss_class_weight = 5.0
+# the name-word loss and word scoring at inference (docstring)
+model.word_head = L(NameWordHead)(
+    category_names="${..class_head.category_names}", embed_dim="${..transformer.embed_dim}"
+)
+model.criterion.loss_word_weight = 0.5
+model.word_score_weight = 1.0
 dataloader.evaluator.class_agnostic = True
 
 optimizer.lr = 1.2e-3

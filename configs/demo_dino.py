@@ -1,8 +1,12 @@
 """The DINO baseline at the demo's size: ``demo.py``'s backbone, neck, transformer, queries,
 data and schedule with DINO's linear head over all 1,000 categories (focal loss over C) instead
 of the category queries, selector and top-K (no encoder fusion, no decoder category attention).
-For like-for-like comparisons (``tools/compare_heads.py``)."""
+The name-word loss and word scoring apply to a linear head as they are and are kept. For
+like-for-like comparisons (``tools/compare_heads.py``)."""
 
+from detectron2.config import LazyCall as L
+
+from cqdino.data.build import dataset_class_names
 from cqdino.modeling import DINO
 
 from .common.models.dino_r50 import model as _dino
@@ -15,6 +19,9 @@ model._target_ = DINO
 model.class_head = _dino.class_head
 model.class_head.num_classes = 1000
 model.class_head.embed_dim = EMBED
+model.word_head.category_names = L(dataset_class_names)(
+    dataset_name="${dataloader.train.dataset.names}", num_classes="${model.class_head.num_classes}"
+)
 for key in ("stage1", "stage1_extra_trainable"):
     model.pop(key)
 model.transformer.encoder.pop("fusion_layers")

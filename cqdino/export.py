@@ -117,6 +117,7 @@ class ExportableDetector(nn.Module):
         pos = [m.position_embedding(mask).to(maps[0].dtype) for mask in masks]
         hidden, boxes, _, state = m.transformer(maps, masks, pos, m.class_head, state)
         logits = m.class_head(hidden[-1], state, len(hidden) - 1)
+        logits = m.add_word_scores(logits, hidden[-1], state)
         outputs = {"pred_logits": logits, "pred_boxes": boxes[-1]}
         boxes, scores, classes = m.select_detections(outputs, state)
         # inference + detector_postprocess at the input size: scale, clip to the image

@@ -25,6 +25,7 @@ from cqdino.export import (
     pad_images,
     save_program,
 )
+from cqdino.modeling import NameWordHead
 from tests.modeling.cqdino_utils import tiny_cqdino
 from tests.modeling.utils import tiny_dino
 
@@ -50,10 +51,16 @@ def _tiny(kind: str):
         model = tiny_cqdino(
             num_queries=40, layers=1, width=16, num_categories=12, topk=6, test_topk=9
         )
+    if kind == "cqdino_words":  # + word scoring at inference (the demo's NameWordHead)
+        names = [
+            f"{c} {s}" for c in ("red", "blue", "green") for s in ("star", "ring", "cross", "arrow")
+        ]
+        model.word_head = NameWordHead(names, model.transformer.embed_dim)
+        model.word_score_weight = 1.0
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["dino", "cqdino"])
+@pytest.fixture(scope="module", params=["dino", "cqdino", "cqdino_words"])
 def exported(request, tmp_path_factory):
     model = _tiny(request.param)
     program, info = export_program(model, max_size=512, max_batch=8)
@@ -96,7 +103,7 @@ def test_exported_program_reproduces_eager(exported):
     program = load_program(str(path))  # the saved file, loaded without the model's code
     targets = {str(n.target) for n in program.graph.nodes}
     assert "cqdino.ms_deform_attn_forward.default" in targets
-    if kind == "cqdino":
+    if kind != "dino":
         assert "cqdino.topk_category_gather.default" in targets
     assert info["min_size"] <= 96 and info["max_size"] == 512
     run = program.module()

@@ -57,6 +57,7 @@ class Recipe:
     batch: int
     head: Optional[Dict[str, Any]] = None  # CQ-DINO head settings of the recipe
     repeat_threshold: Optional[float] = None
+    word_loss: bool = False  # model.word_head (the demo's name-word loss; not the paper's)
 
 
 V3DET_HEAD = dict(topk=100, relation="tree", selection_loss="asl", ancestor_masking=True)
@@ -80,10 +81,17 @@ RECIPES = {
         milestone_epochs=(1.224,),
         batch=8,
         head=dict(topk=100, relation="tree", selection_loss="asl", force_gt=True),
+        word_loss=True,
     ),
     # the DINO baseline at the demo's size (demo.py with the linear head)
     "demo_dino": Recipe(
-        "synthetic", "DINO", "R18", epochs=1.36, milestone_epochs=(1.224,), batch=8
+        "synthetic",
+        "DINO",
+        "R18",
+        epochs=1.36,
+        milestone_epochs=(1.224,),
+        batch=8,
+        word_loss=True,
     ),
 }
 LIGHT = {"demo", "demo_dino"}  # the others: full-width R50/Swin, 13,204 categories
@@ -240,6 +248,7 @@ def test_model_is_the_recipe(name):
     for key, value in (recipe.head or {}).items():
         assert m.class_head[key] == value, f"{name}: model.class_head.{key}"
     assert cfg.dataloader.train.repeat_threshold == recipe.repeat_threshold
+    assert ("word_head" in m) == recipe.word_loss, f"{name}: model.word_head"
 
 
 # --------------------------------------------------------------------------- models on tiny input

@@ -300,11 +300,8 @@ class DINO(nn.Module):
         ]
 
         if not self.training:
-            if self.word_score_weight:
-                words = self.word_head.column_log_probs(hidden[-1][:, num_dn:], state.indices)
-                last = layers[-1]["pred_logits"] + self.word_score_weight * words
-                layers[-1] = dict(layers[-1], pred_logits=last)
-            return self.inference(layers[-1], state, images, batched_inputs)
+            last = self.add_word_scores(layers[-1]["pred_logits"], hidden[-1][:, num_dn:], state)
+            return self.inference(dict(layers[-1], pred_logits=last), state, images, batched_inputs)
 
         dn_layers = [
             {"pred_logits": lg[:, :num_dn], "pred_boxes": bx[:, :num_dn]}
@@ -325,6 +322,15 @@ class DINO(nn.Module):
             losses.update(self._zero_dn_losses(len(layers)))
         losses.update(state.losses)
         return losses
+
+    def add_word_scores(self, logits: Tensor, hidden: Tensor, state: ClassHeadState) -> Tensor:
+        """Inference logits ``[B, Q, N_col]`` of the last decoder layer plus
+        ``word_score_weight`` times the word head's log-posterior over the columns (computed
+        from the layer's query features ``hidden [B, Q, D]``); unchanged without it."""
+        if not self.word_score_weight:
+            return logits
+        words = self.word_head.column_log_probs(hidden, state.indices)
+        return logits + self.word_score_weight * words
 
     def _zero_dn_losses(self, num_layers: int) -> Dict[str, Tensor]:
         """DN loss keys for a batch without GT: zeros tied to the DN label table, so every rank
