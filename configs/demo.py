@@ -13,15 +13,15 @@ recipe, each measured at the demo budget (docs/evidence.md, "The demo recipe"):
   the words of its name (``compositional_queries``; the offline stand-in for the authors' text
   embeddings, learnable), with the projected query added to the selector's tokens
   (``selector_query_skip``);
-* lr 1.2e-3, classification loss weight 5 (at least as good as 2 with both seeds measured:
-  AP 1.46 / 0.26 vs 0.48 / 0.27; at 10 the run collapses), gradient clip 1.0, one LR drop at
+* the name-word loss (``model.word_head``, :class:`~cqdino.modeling.NameWordHead`, weight
+  0.5): every matched query (decoder layers, DN groups, encoder proposals) also predicts the
+  words of its GT's name, and at inference the words' log-posterior over the columns is added
+  to the logits (``word_score_weight`` 1.0). Trained from scratch without it, the detector
+  learns where objects are long before what colour or texture they have (docs/evidence.md,
+  "Third round": AP 1.05 -> 8.1 / 8.4 with two seeds at this budget);
+* lr 1.2e-3, classification loss weight 5 (with the word loss, two seeds: mean AP 8.24 against
+  7.75 at weight 2, whose seeds differ more: 9.05 / 6.45), gradient clip 1.0, one LR drop at
   0.9 of the run, sampling offsets at lr x 0.1 (Deformable-DETR's setting);
-* the name-word loss (``model.word_head``, :class:`~cqdino.modeling.NameWordHead`): every
-  matched query (decoder layers, DN groups, encoder proposals) also predicts the words of its
-  GT's name (weight ``criterion.loss_word_weight``), and at inference the words' posterior
-  over the columns is added to the logits (``word_score_weight``). Trained from scratch, the
-  detector otherwise learns where objects are long before what colour or texture they have
-  (docs/evidence.md, "Third round");
 * at inference every category is a column (``test_topk = C``): from scratch at this budget the
   selector's top-100 misses most GT categories;
 * NHWC convolutions and fused AdamW (speed only).
