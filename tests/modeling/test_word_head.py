@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from cqdino.modeling import DINO, HungarianMatcher, NameWordHead, SetCriterion
+from cqdino.modeling import HungarianMatcher, NameWordHead, SetCriterion
 from tests.modeling.test_matcher_criterion import rand_boxes
+from tests.modeling.test_meta_arch import _rebuild
 from tests.modeling.utils import batch, tiny_dino
 
 NAMES = ["red circle", "blue dotted circle with thin dark border", "red star"]
@@ -132,17 +133,4 @@ def test_word_score_weight_changes_the_scores_and_needs_a_word_head():
     # the word term is a log-probability (<= 0): no score can grow
     assert scored.scores.max() <= plain.scores.max() + 1e-6
     with pytest.raises(ValueError, match="word_score_weight"):
-        DINO(**_dino_kwargs(model), word_score_weight=0.5)  # no word head
-
-
-def _dino_kwargs(model):
-    return dict(
-        backbone=model.backbone,
-        neck=model.neck,
-        position_embedding=model.position_embedding,
-        transformer=model.transformer,
-        class_head=model.class_head,
-        criterion=model.criterion,
-        pixel_mean=(103.53, 116.28, 123.675),
-        pixel_std=(57.375, 57.120, 58.395),
-    )
+        _rebuild(model, word_head=None, word_score_weight=0.5)
