@@ -134,3 +134,6 @@ def test_word_score_weight_changes_the_scores_and_needs_a_word_head():
     assert scored.scores.max() <= plain.scores.max() + 1e-6
     with pytest.raises(ValueError, match="word_score_weight"):
         _rebuild(model, word_head=None, word_score_weight=0.5)
+    # a string from a command-line override ("None" instead of null) is named, not used
+    with pytest.raises(TypeError, match="model.word_head=null"):
+        _rebuild(model, word_head="None")

@@ -107,6 +107,12 @@ class DINO(nn.Module):
         self.transformer = transformer
         self.class_head = class_head
         self.criterion = criterion
+        if word_head is not None and not isinstance(word_head, nn.Module):
+            raise TypeError(
+                f"model.word_head must be a module (e.g. NameWordHead) or None, got "
+                f"{type(word_head).__name__} {word_head!r} (to turn it off from the command "
+                "line write model.word_head=null)"
+            )
         if word_score_weight < 0 or (word_score_weight and word_head is None):
             raise ValueError(
                 f"word_score_weight={word_score_weight} needs a word_head and must be >= 0 "
