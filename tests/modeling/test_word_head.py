@@ -137,3 +137,29 @@ def test_word_score_weight_changes_the_scores_and_needs_a_word_head():
     # a string from a command-line override ("None" instead of null) is named, not used
     with pytest.raises(TypeError, match="model.word_head=null"):
         _rebuild(model, word_head="None")
+
+
+def test_word_scores_are_a_posterior_over_each_query_s_classes():
+    """With a class head that scores every column 0, the detections' scores are
+    sigmoid(log p_c) = p_c / (1 + p_c) with p the word posterior of their query: over the C
+    classes of one box, p_c = s / (1 - s) sums to 1 (all Q x C pairs are kept for C = 3)."""
+    torch.manual_seed(0)
+    C = 3
+    model = tiny_dino(C, embed_dim=64, width=32, word_head=NameWordHead(NAMES, 64)).eval()
+    for linear in [*model.class_head.decoder_layers, model.class_head.encoder_layer]:
+        torch.nn.init.zeros_(linear.weight)
+        torch.nn.init.zeros_(linear.bias)
+    model.word_score_weight = 1.0
+    with torch.no_grad():
+        inst = model(batch([(64, 96, 0)], C))[0]["instances"]
+    assert len(inst) == model.transformer.num_queries * C
+    p = (inst.scores / (1 - inst.scores)).double()
+    boxes = inst.pred_boxes.tensor
+    _, box_id = torch.unique(boxes, dim=0, return_inverse=True)
+    per_box = torch.zeros(int(box_id.max()) + 1, dtype=torch.float64).index_add_(0, box_id, p)
+    counts = torch.bincount(box_id)
+    full = counts == C  # boxes whose C pairs are all there (a shared box would count twice)
+    assert full.sum() >= model.transformer.num_queries // 2
+    assert per_box[full].tolist() == pytest.approx([1.0] * int(full.sum()), abs=1e-4)
+    # not a constant: the words tell the classes of a query apart
+    assert p.max() - p.min() > 1e-3

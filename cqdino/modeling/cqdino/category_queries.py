@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cqdino.utils.text import name_words
+from cqdino.utils.text import name_words, word_vocabulary
 
 __all__ = [
     "BagOfWordsEncoder",
@@ -52,23 +52,21 @@ class BagOfWordsEncoder(nn.Module):
                 rows of about unit norm).
         """
         super().__init__()
-        names = [str(n) for n in names]
+        names = list(names)
         if not names:
             raise ValueError("BagOfWordsEncoder: no category names given")
-        vocab: dict = {}
-        index: List[int] = []
-        offsets: List[int] = []
-        for name in names:
-            offsets.append(len(index))
-            index += [vocab.setdefault(w, len(vocab)) for w in name_words(name)]
-        self.words = sorted(vocab, key=vocab.get)
-        self.table = nn.EmbeddingBag(len(vocab), dim, mode="mean")
+        self.words, rows = word_vocabulary(names)
+        index: List[int] = [i for row in rows for i in row]
+        offsets: List[int] = [0]
+        for row in rows[:-1]:
+            offsets.append(offsets[-1] + len(row))
+        self.table = nn.EmbeddingBag(len(self.words), dim, mode="mean")
         std = dim**-0.5 if init_std is None else float(init_std)
         nn.init.normal_(self.table.weight, std=std)
         self.register_buffer("word_index", torch.tensor(index, dtype=torch.long), persistent=False)
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
-        self.num_categories = len(names)
-        self.residual = nn.Parameter(torch.zeros(len(names), dim)) if category_residual else None
+        self.num_categories = len(rows)
+        self.residual = nn.Parameter(torch.zeros(len(rows), dim)) if category_residual else None
 
     @property
     def dim(self) -> int:

@@ -309,6 +309,7 @@ class DINO(nn.Module):
             last = self.add_word_scores(layers[-1]["pred_logits"], hidden[-1][:, num_dn:], state)
             return self.inference(dict(layers[-1], pred_logits=last), state, images, batched_inputs)
 
+        enc_hidden = enc_outputs.pop("hidden")  # the proposals' features (training only)
         dn_layers = [
             {"pred_logits": lg[:, :num_dn], "pred_boxes": bx[:, :num_dn]}
             for lg, bx in zip(logits, boxes)
@@ -319,7 +320,7 @@ class DINO(nn.Module):
             for h, out, dn_out in zip(hidden, layers, dn_layers):
                 words = self.word_head(h)
                 out["pred_words"], dn_out["pred_words"] = words[:, num_dn:], words[:, :num_dn]
-            enc_outputs["pred_words"] = self.word_head(enc_outputs.pop("hidden"))
+            enc_outputs["pred_words"] = self.word_head(enc_hidden)
         outputs = dict(layers[-1], aux_outputs=layers[:-1], enc_outputs=enc_outputs)
         if dn_meta is not None:
             outputs["dn_outputs"] = dn_layers

@@ -5,7 +5,8 @@ In a vast vocabulary most categories have a handful of boxes, but their names sh
 ("red dotted star" and "red striped circle" share "red"; V3Det's 13,204 names share far fewer
 distinct words). A category's own logit sees its few boxes; a word sees the boxes of every
 category whose name holds it. :class:`NameWordHead` is a ``Linear(D, W)`` over the W distinct
-words of the C names; in training each matched query (decoder layers and denoising groups) gets
+words of the C names; in training each matched query (decoder layers, denoising groups and the
+encoder's selected proposals) gets
 a multi-label target, the words of its GT's name, and
 :class:`~cqdino.modeling.dino.criterion.SetCriterion` adds the summed binary cross-entropy as
 ``loss_word``. It applies to any classification head (DINO's linear one as much as CQ-DINO's
@@ -21,12 +22,12 @@ category with few boxes of its own is named through words trained on thousands.
 """
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from cqdino.utils.text import name_words
+from cqdino.utils.text import word_vocabulary
 
 __all__ = ["NameWordHead"]
 
@@ -50,16 +51,12 @@ class NameWordHead(nn.Module):
                 "NameWordHead needs the category names (e.g. model.word_head.category_names = "
                 "L(dataset_class_names)(dataset_name=..., num_classes=...))"
             )
-        vocab: Dict[str, int] = {}
-        rows: List[List[int]] = []
-        for name in category_names:
-            rows.append(sorted({vocab.setdefault(w, len(vocab)) for w in name_words(str(name))}))
-        self.words = sorted(vocab, key=vocab.get)
-        targets = torch.zeros(len(rows), len(vocab))
+        self.words, rows = word_vocabulary(category_names)
+        targets = torch.zeros(len(rows), len(self.words))
         for c, cols in enumerate(rows):
             targets[c, cols] = 1.0
         self.register_buffer("word_targets", targets, persistent=False)
-        self.linear = nn.Linear(embed_dim, len(vocab))
+        self.linear = nn.Linear(embed_dim, len(self.words))
         freq = targets.mean(0).clamp(1e-3, 0.5)
         with torch.no_grad():
             self.linear.bias.copy_(torch.log(freq / (1 - freq)))
