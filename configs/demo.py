@@ -96,9 +96,10 @@ optimizer.lr = 1.2e-3
 optimizer.fused = True
 optimizer.params.module_multipliers = {"sampling_offsets": (0.1, 1.0)}
 
-# 1.36 epochs x 4,000 images / 8 per batch = 680 iterations (what fits the 10-minute CPU budget
-# of `make demo` with its data generation and two evaluations on the 2-vCPU VM: 800 took
-# 11.0 min); lr x 0.1 at 0.9 of max_iter, warm-up 50 iterations
+# 1.36 epochs x 4,000 images / 8 per batch = 680 iterations, sized for the 10-minute CPU budget
+# of `make demo` (data generation and two evaluations included) on the 2-vCPU VM: 9.5 min
+# before the word head; 11.9 min with it on a day the VM ran ~25 % slower (the word head
+# itself: +3 % per step). lr x 0.1 at 0.9 of max_iter, warm-up 50 iterations
 train.epochs = 1.36
 train.images_per_epoch = 4000
 train.max_iter = 680
