@@ -209,6 +209,40 @@ def test_match_sets_solves_every_set_against_the_enumeration(rng_seed):
         HungarianMatcher().match_sets([(bad, sets[0][1])], targets)
 
 
+def test_batched_cost_and_match_sets_over_images_and_set_shapes(rng_seed):
+    """Images with different GT counts and sets of two shapes (stacked separately): every
+    column of the batched cost is the float64 reference against its own image's queries, and
+    every image's assignment has the brute-force minimum of that image's cost."""
+    gen = torch.Generator().manual_seed(rng_seed)
+    counts = [2, 0, 3, 1]
+    targets = [
+        {"labels": torch.randint(-1, 4, (n,), generator=gen), "boxes": rand_boxes(n, gen)}
+        for n in counts
+    ]
+    B = len(targets)
+    sets = [
+        (torch.randn(B, Q, N, generator=gen) * 3, rand_boxes(B * Q, gen).view(B, Q, 4))
+        for Q, N in ((5, 4), (4, 6), (5, 4))
+    ]
+    matcher = HungarianMatcher()
+    labels = torch.cat([t["labels"] for t in targets])
+    gt = torch.cat([t["boxes"] for t in targets])
+    image = torch.tensor([b for b, n in enumerate(counts) for _ in range(n)])
+    logits, boxes = sets[0]
+    batched = matcher.batched_cost(logits[None], boxes[None], labels, gt, image)[0]
+    for g in range(len(labels)):
+        b = image[g].item()
+        ref = reference_cost(logits[b], boxes[b], labels[g : g + 1], gt[g : g + 1])
+        torch.testing.assert_close(batched[:, g].double(), ref[:, 0], rtol=1e-5, atol=1e-5)
+    out = matcher.match_sets(sets, targets)
+    for (logits, boxes), per_image in zip(sets, out):
+        for b, ((q, g), t) in enumerate(zip(per_image, targets)):
+            assert len(q) == len(g) == counts[b] and len(set(q.tolist())) == counts[b]
+            if counts[b]:
+                cost = reference_cost(logits[b], boxes[b], t["labels"], t["boxes"])
+                assert cost[q, g].sum().item() == pytest.approx(brute_force_min(cost), abs=1e-4)
+
+
 def test_no_gt_gives_finite_losses():
     t = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
     logits = torch.randn(1, 5, 3, requires_grad=True)

@@ -8,7 +8,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 
 __all__ = ["HungarianMatcher"]
 
@@ -37,20 +37,51 @@ class HungarianMatcher(nn.Module):
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = alpha, gamma
 
+    def _focal_cost(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Focal classification cost of the gathered logits; 0 where ``labels < 0``."""
+        prob = logits.float().sigmoid()
+        neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()
+        pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
+        return (pos - neg) * (labels >= 0)
+
+    def _weighted(self, cls: Tensor, boxes: Tensor, gt_boxes: Tensor) -> Tensor:
+        """``w_class * cls + w_bbox * L1 - w_giou * GIoU`` of broadcast ``(cx, cy, w, h)``."""
+        boxes, gt_boxes = boxes.float(), gt_boxes.float()
+        l1 = (boxes - gt_boxes).abs().sum(-1)
+        giou = elementwise_generalized_box_iou(
+            box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes)
+        )
+        return self.cost_class * cls + self.cost_bbox * l1 - self.cost_giou * giou
+
     @torch.no_grad()
     def cost_matrix(
         self, logits: Tensor, boxes: Tensor, labels: Tensor, gt_boxes: Tensor
     ) -> Tensor:
         """``[Q, N_col]`` logits, ``[Q, 4]`` boxes, ``[G]`` labels, ``[G, 4]`` GT -> ``[Q, G]``."""
-        prob = logits[:, labels.clamp(min=0)].float().sigmoid()  # (Q, G)
-        neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()
-        pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
-        cls = (pos - neg) * (labels >= 0)
-        l1 = torch.cdist(boxes.float(), gt_boxes.float(), p=1)
-        giou = generalized_box_iou(
-            box_cxcywh_to_xyxy(boxes.float()), box_cxcywh_to_xyxy(gt_boxes.float())
-        )
-        return self.cost_class * cls + self.cost_bbox * l1 - self.cost_giou * giou
+        cls = self._focal_cost(logits[:, labels.clamp(min=0)], labels)
+        return self._weighted(cls, boxes[:, None, :], gt_boxes[None, :, :])
+
+    @torch.no_grad()
+    def batched_cost(
+        self, logits: Tensor, boxes: Tensor, labels: Tensor, gt_boxes: Tensor, image: Tensor
+    ) -> Tensor:
+        """The cost of every query against every GT box *of its own image*, for a stack of
+        prediction sets at once (a few tensor operations whatever the number of images).
+
+        Args:
+            logits: ``[S, B, Q, N_col]``; boxes: ``[S, B, Q, 4]``.
+            labels, gt_boxes, image: the GT of all images concatenated: ``[G]`` labels,
+                ``[G, 4]`` boxes and ``[G]`` the image index of each.
+
+        Returns:
+            ``[S, Q, G]``: column ``g`` holds :meth:`cost_matrix`'s column for GT ``g`` against
+            the queries of image ``image[g]``.
+        """
+        # two index tensors apart: their dimension comes first, (G, S, Q)
+        gathered = logits[:, image, :, labels.clamp(min=0)].transpose(0, 1)  # (S, G, Q)
+        cls = self._focal_cost(gathered, labels[:, None])
+        cost = self._weighted(cls, boxes[:, image], gt_boxes[:, None, :])  # (S, G, Q)
+        return cost.transpose(1, 2)
 
     @torch.no_grad()
     def match_sets(
@@ -59,8 +90,9 @@ class HungarianMatcher(nn.Module):
         targets: List[Dict[str, Tensor]],
     ) -> List[List[Tuple[Tensor, Tensor]]]:
         """Match several prediction sets (e.g. every decoder layer) against the same targets
-        with one device-to-host transfer: all cost matrices are built on the device,
-        concatenated, copied to the host once, and solved there.
+        with one device-to-host transfer: the cost matrices of all images are built together
+        (:meth:`batched_cost`, sets of one shape stacked), copied to the host once, and solved
+        there image by image.
 
         Args:
             predictions: ``(pred_logits [B, Q, N_col], pred_boxes [B, Q, 4])`` per set.
@@ -70,28 +102,45 @@ class HungarianMatcher(nn.Module):
             per set, per image ``(query_idx, target_idx)``, int64 on the predictions' device,
             each of length ``min(Q, G_i)``.
         """
-        costs, shapes = [], []
-        for logits, boxes in predictions:
-            for b, t in enumerate(targets):
-                c = self.cost_matrix(logits[b], boxes[b], t["labels"], t["boxes"])  # (Q, G)
-                costs.append(c.flatten())
-                shapes.append(tuple(c.shape))
         device = predictions[0][0].device if predictions else torch.device("cpu")
-        if sum(q * g for q, g in shapes) == 0:  # nothing to solve (no GT): no transfer either
+        counts = [len(t["labels"]) for t in targets]
+        if sum(counts) == 0 or not predictions or predictions[0][0].shape[1] == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return [[(empty, empty) for _ in targets] for _ in predictions]
+        labels = torch.cat([t["labels"] for t in targets])
+        gt_boxes = torch.cat([t["boxes"] for t in targets])
+        image = torch.repeat_interleave(
+            torch.arange(len(targets), device=labels.device),
+            torch.tensor(counts, device=labels.device),
+        )
+        # sets of one shape (the decoder layers, usually the proposals too) in one stack
+        groups: Dict[Tuple, List[int]] = {}
+        for i, (logits, boxes) in enumerate(predictions):
+            groups.setdefault((tuple(logits.shape), tuple(boxes.shape)), []).append(i)
+        costs, order = [], []
+        for members in groups.values():
+            logits = torch.stack([predictions[i][0] for i in members])
+            boxes = torch.stack([predictions[i][1] for i in members])
+            costs.append(self.batched_cost(logits, boxes, labels, gt_boxes, image).flatten())
+            order += [(i, logits.shape[2]) for i in members]
         host = torch.cat(costs).cpu().numpy()  # the one transfer
         if not np.isfinite(host).all():
             raise FloatingPointError(
                 "HungarianMatcher: non-finite matching cost (NaN/inf in the predictions?)"
             )
-        pairs, lengths, start = [], [], 0
-        for q, g in shapes:
-            c = host[start : start + q * g].reshape(q, g)
-            start += q * g
-            rows, cols = linear_sum_assignment(c) if c.size else ([], [])
-            pairs.append(np.stack([np.asarray(rows, np.int64), np.asarray(cols, np.int64)]))
-            lengths.append(len(rows))
+        G = len(labels)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        solved, start = {}, 0
+        for i, q in order:
+            set_cost = host[start : start + q * G].reshape(q, G)
+            start += q * G
+            solved[i] = []
+            for b in range(len(targets)):
+                c = set_cost[:, bounds[b] : bounds[b + 1]]
+                rows, cols = linear_sum_assignment(c) if c.size else ([], [])
+                solved[i].append(np.stack([np.asarray(rows, np.int64), np.asarray(cols, np.int64)]))
+        pairs = [p for i in range(len(predictions)) for p in solved[i]]
+        lengths = [p.shape[1] for p in pairs]
         # all assignments back to the device in one non-blocking copy
         idx = torch.from_numpy(np.concatenate(pairs, 1)).to(device, non_blocking=True)
         out = [(r, c) for r, c in zip(idx[0].split(lengths), idx[1].split(lengths))]
