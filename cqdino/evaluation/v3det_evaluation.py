@@ -39,6 +39,7 @@ from faster_coco_eval.core.faster_eval_api import COCOeval_faster
 from tabulate import tabulate
 
 from cqdino.data.hierarchy import CategoryTree
+from cqdino.utils.io import atomic_write
 
 __all__ = [
     "V3DetEvaluator",
@@ -463,7 +464,9 @@ class V3DetEvaluator(DatasetEvaluator):
                 a warning otherwise).
             max_dets_per_image: detections kept per image (300 for V3Det).
             num_workers: evaluation worker processes (0: in process).
-            output_dir: where to save the compact predictions (``v3det_predictions.npz``).
+            output_dir: where to save the compact predictions (``v3det_predictions.npz``) and
+                the results (``results.json``: ``{"dataset", "bbox": {metric: value}}``), each
+                written atomically.
             distributed: gather predictions from all ranks.
             image_count: training images per category (contiguous order) for frequency AP;
                 default ``metadata.image_count``, else ``metadata.image_count_file`` (see
@@ -583,11 +586,8 @@ class V3DetEvaluator(DatasetEvaluator):
             np.concatenate([p[2] for p in preds]),
         )
         if self._output_dir:
-            os.makedirs(self._output_dir, exist_ok=True)
             path = os.path.join(self._output_dir, "v3det_predictions.npz")
-            with open(path + ".tmp", "wb") as f:
-                np.savez(f, **dt)
-            os.replace(path + ".tmp", path)
+            atomic_write(path, lambda f: np.savez(f, **dt))
         image_ids = {p[0] for p in preds}
         json_file = getattr(self._metadata, "json_file", None)
         if json_file and os.path.exists(json_file):
@@ -616,6 +616,13 @@ class V3DetEvaluator(DatasetEvaluator):
         results = self._derive_results(res)
         if self._class_agnostic:
             results.update(class_agnostic_ap(gt, dt, self._max_dets))
+        if self._output_dir:  # the numbers next to the predictions, for scripts
+            record = {"dataset": self._dataset_name, "bbox": results}
+            atomic_write(
+                os.path.join(self._output_dir, "results.json"),
+                lambda f: json.dump(record, f, indent=1),
+                mode="w",
+            )
         return {"bbox": results}
 
     def _gt_from_dicts(self, image_ids: set) -> BoxArrays:

@@ -144,13 +144,28 @@ def _read(path):
         return f.read()
 
 
-def test_synthetic_generator_deterministic_and_valid(tmp_path):
-    a = synthetic.generate(tmp_path / "a", **SMALL)
-    b = synthetic.generate(tmp_path / "b", **SMALL)
+def _tree(root):
+    """{relative path: bytes} of every file under ``root``."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            out[os.path.relpath(path, root)] = _read(path)
+    return out
+
+
+def test_synthetic_generator_deterministic_and_valid(tmp_path, monkeypatch):
+    a = synthetic.generate(tmp_path / "a", **SMALL, workers=1)
+    monkeypatch.setattr(synthetic, "_CHUNK", 5)  # several chunks per split, out of order
+    b = synthetic.generate(tmp_path / "b", **SMALL, workers=3)
     c = synthetic.generate(tmp_path / "c", **{**SMALL, "seed": 4})
+    # rendered in this process or by 3 processes: the same files, byte for byte
+    tree_a = _tree(a)
+    assert len(tree_a) == 24 + 8 + 5 and tree_a == _tree(b)
     for rel in ("annotations/synthetic_vocab_train.json", "images/train/000005.jpg"):
-        assert _read(os.path.join(a, rel)) == _read(os.path.join(b, rel))
         assert _read(os.path.join(a, rel)) != _read(os.path.join(c, rel))
+    with pytest.raises(ValueError, match="workers"):
+        synthetic.generate(tmp_path / "e", **SMALL, workers=0)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp leftovers
     with open(os.path.join(a, "annotations", "synthetic_vocab_train.json")) as f:
         data = json.load(f)

@@ -185,7 +185,10 @@ def test_dataset_evaluator_end_to_end(shared_data, tmp_path, caplog):
     to_contig = meta.thing_dataset_id_to_contiguous_id
     image_count = list(range(len(meta.thing_classes)))  # 0..79: 11 rare, 90 common... etc.
 
-    ours = V3DetEvaluator(name, tree=None, distributed=False, image_count=image_count)
+    out = tmp_path / "inference"
+    ours = V3DetEvaluator(
+        name, tree=None, distributed=False, image_count=image_count, output_dir=str(out)
+    )
     d2 = COCOEvaluator(
         name, distributed=False, max_dets_per_image=300, use_fast_impl=False, output_dir=None
     )
@@ -217,6 +220,12 @@ def test_dataset_evaluator_end_to_end(shared_data, tmp_path, caplog):
     assert res["APc"] == pytest.approx(np.nanmean(per_cat[11:]))
     assert np.isnan(res["APf"])
     assert "Per-frequency AP" in caplog.text
+    # the output folder: the predictions (fewer than 300 per image here: all) and the results
+    saved = np.load(out / "v3det_predictions.npz")
+    assert len(saved["score"]) == len(dets)
+    record = json.loads((out / "results.json").read_text())
+    assert record["dataset"] == name and record["bbox"]["AP"] == pytest.approx(res["AP"])
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "v3det_predictions.npz"]
 
 
 def test_v3det_frequency_groups_from_cat_info(shared_data, tmp_path):

@@ -38,12 +38,14 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -421,6 +423,73 @@ def _split_objects(
     return np.split(pool, np.cumsum(per_image)[:-1])
 
 
+# Images per task sent to a rendering process, and the smallest job worth starting processes.
+_CHUNK = 50
+_MIN_PARALLEL_IMAGES = 200
+_WORKER_STATE: dict = {}
+
+
+def _init_worker(state: dict) -> None:
+    _WORKER_STATE.clear()
+    _WORKER_STATE.update(state)
+
+
+def _render_chunk(state: dict, split: str, split_idx: int, first: int, objects) -> List[tuple]:
+    """Render and save images ``first, first + 1, ...`` of a split (one per entry of
+    ``objects``); returns ``(image record, annotations without ids)`` per image."""
+    lo, hi = state["image_size"]
+    out = []
+    for k, leaf_ids in enumerate(objects):
+        i = first + k
+        rng = np.random.default_rng([state["seed"], state["image_seed"], 100 + split_idx, i])
+        w = int(rng.integers(lo, hi + 1))
+        h = int(rng.integers(lo, hi + 1))
+        pixels, anns = _render_image(
+            rng,
+            w,
+            h,
+            state["leaves"],
+            leaf_ids,
+            state["min_object_size"],
+            state["coarse_label_prob"],
+            state["min_visible"],
+        )
+        file_name = f"{split}/{i + 1:06d}.jpg"
+        Image.fromarray(pixels).save(os.path.join(state["root"], file_name), quality=92)
+        out.append((dict(id=i + 1, file_name=file_name, width=w, height=h), anns))
+    return out
+
+
+def _render_chunk_in_worker(split: str, split_idx: int, first: int, objects) -> List[tuple]:
+    return _render_chunk(_WORKER_STATE, split, split_idx, first, objects)
+
+
+def _render_pool(workers: Optional[int], total: int, state: dict):
+    """A process pool for the rendering, or None to render in this process."""
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8) if total >= _MIN_PARALLEL_IMAGES else 1
+    if workers <= 1:
+        return None
+    # spawn: the workers import numpy and PIL only, whatever threads this process runs
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(state,),
+    )
+
+
+def _render_split(pool, state: dict, split: str, split_idx: int, objects) -> List[tuple]:
+    """Every image of a split, in order (in chunks over ``pool`` when there is one)."""
+    chunks = [(first, objects[first : first + _CHUNK]) for first in range(0, len(objects), _CHUNK)]
+    if pool is None:
+        return [
+            r for first, objs in chunks for r in _render_chunk(state, split, split_idx, first, objs)
+        ]
+    futures = [pool.submit(_render_chunk_in_worker, split, split_idx, f, o) for f, o in chunks]
+    return [r for fut in futures for r in fut.result()]
+
+
 def generate(
     out_dir: str,
     num_categories: int = 1000,
@@ -437,6 +506,7 @@ def generate(
     image_seed: int = 0,
     splits: Sequence[str] = ("train", "val"),
     overwrite: bool = False,
+    workers: Optional[int] = None,
 ) -> str:
     """Generate the dataset into ``out_dir`` (atomically: temp folder, then rename).
 
@@ -462,6 +532,10 @@ def generate(
             layouts and object placements; same categories, tree and long tail).
         splits: the splits to write (``("val",)``: a val split alone, e.g. another rendering
             to evaluate a model trained on ``image_seed=0``).
+        overwrite: replace an existing ``out_dir`` written by this generator.
+        workers: processes rendering the images (default: the CPU cores, at most 8; a few
+            images are rendered in this process). Every image is a function of its own seed,
+            so the output is the same, byte for byte, for any number of workers.
     Returns:
         ``out_dir``.
     """
@@ -482,6 +556,10 @@ def generate(
         raise ValueError(f"min_object_size must be >= 4 pixels, got {min_object_size}")
     if min_train_objects < 0:
         raise ValueError(f"min_train_objects must be >= 0, got {min_train_objects}")
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
+        raise ValueError(f"workers must be an integer >= 1 or None, got {workers!r}")
     splits = list(splits)
     if not splits or any(sp not in ("train", "val") for sp in splits):
         raise ValueError(f"splits must be a non-empty subset of ('train', 'val'), got {splits}")
@@ -507,10 +585,25 @@ def generate(
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = make_temp_dir(".synthetic_vocab-", parent)
+    pool = None
     try:
         os.makedirs(os.path.join(tmp, "annotations"))
         categories = [dict(id=c["id"], name=c["name"]) for c in cats]
         ann_id = 1
+        state = dict(
+            seed=seed,
+            image_seed=image_seed,
+            image_size=(lo, hi),
+            leaves=leaves,
+            min_object_size=min_object_size,
+            coarse_label_prob=coarse_label_prob,
+            min_visible=min_visible,
+            root=os.path.join(tmp, "images"),
+        )
+        total = sum(
+            n for sp, n in (("train", num_train_images), ("val", num_val_images)) if sp in splits
+        )
+        pool = _render_pool(workers, total, state)
         for split_idx, (split, num) in enumerate(
             [("train", num_train_images), ("val", num_val_images)]
         ):
@@ -526,26 +619,10 @@ def generate(
                 floor,
                 np.random.default_rng([seed, image_seed, 3, split_idx]),
             )
-            for i in range(num):
-                rng = np.random.default_rng([seed, image_seed, 100 + split_idx, i])
-                w = int(rng.integers(lo, hi + 1))
-                h = int(rng.integers(lo, hi + 1))
-                pixels, anns = _render_image(
-                    rng,
-                    w,
-                    h,
-                    leaves,
-                    objects[i],
-                    min_object_size,
-                    coarse_label_prob,
-                    min_visible,
-                )
-                image_id = i + 1
-                file_name = f"{split}/{image_id:06d}.jpg"
-                Image.fromarray(pixels).save(os.path.join(tmp, "images", file_name), quality=92)
-                images.append(dict(id=image_id, file_name=file_name, width=w, height=h))
+            for image, anns in _render_split(pool, state, split, split_idx, objects):
+                images.append(image)
                 for a in anns:
-                    a.update(id=ann_id, image_id=image_id)
+                    a.update(id=ann_id, image_id=image["id"])
                     ann_id += 1
                     annotations.append(a)
             with open(os.path.join(tmp, "annotations", f"synthetic_vocab_{split}.json"), "w") as f:
@@ -565,8 +642,12 @@ def generate(
         else:
             os.rename(tmp, out_dir)
     except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # no worker writes into tmp after this
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if pool is not None:
+        pool.shutdown()
     return out_dir
 
 
@@ -727,8 +808,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         action="store_true",
         help="replace an existing --out folder that holds a dataset written by this generator",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes rendering the images (default: the CPU cores, at most 8); the output "
+        "does not depend on it",
+    )
     a = p.parse_args(argv)
     # every argument checked before any work, each error one line naming the argument
+    if a.workers is not None and a.workers < 1:
+        p.error(f"--workers must be >= 1, got {a.workers}")
     if not len(SHAPES) < a.num_categories <= MAX_CATEGORIES:
         p.error(f"--num-categories must be in {CATEGORY_RANGE}, got {a.num_categories}")
     for flag, num in (
@@ -764,5 +854,6 @@ def main(argv: Optional[List[str]] = None) -> None:
             seed=a.seed,
             image_seed=a.image_seed,
             overwrite=a.overwrite,
+            workers=a.workers,
         )
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
