@@ -72,13 +72,13 @@ RECIPES = {
     "coco": Recipe("coco", "CQDINO", "R50", head=COCO_HEAD, **COCO_12EP),
     "coco_swinl": Recipe("coco", "CQDINO", "swin_l", head=COCO_HEAD, **COCO_12EP),
     "dino_coco": Recipe("coco", "DINO", "R50", **COCO_12EP),
-    # 1.36 epochs at batch 8 (the demo's time budget); one step at 0.9 of the run
+    # 1.9 epochs at batch 8 (the demo's time budget); one step at 0.9 of the run
     "demo": Recipe(
         "synthetic",
         "CQDINO",
         "R18",
-        epochs=1.36,
-        milestone_epochs=(1.224,),
+        epochs=1.9,
+        milestone_epochs=(1.71,),
         batch=8,
         head=dict(topk=100, relation="tree", selection_loss="asl", force_gt=True),
         word_loss=True,
@@ -88,8 +88,8 @@ RECIPES = {
         "synthetic",
         "DINO",
         "R18",
-        epochs=1.36,
-        milestone_epochs=(1.224,),
+        epochs=1.9,
+        milestone_epochs=(1.71,),
         batch=8,
         word_loss=True,
     ),
