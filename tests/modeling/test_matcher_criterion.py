@@ -75,6 +75,20 @@ def test_matcher_empty_targets():
     assert q.numel() == 0 and g.numel() == 0
 
 
+def test_match_sets_with_a_set_without_queries(rng_seed):
+    """A set with no queries gets empty pairs; the other set is still solved (brute force)."""
+    gen = torch.Generator().manual_seed(rng_seed)
+    t = [{"labels": torch.tensor([1, 0]), "boxes": rand_boxes(2, gen)}]
+    logits, boxes = torch.randn(1, 4, 3, generator=gen), rand_boxes(4, gen)[None]
+    none, ((q, g),) = HungarianMatcher().match_sets(
+        [(torch.zeros(1, 0, 3), torch.zeros(1, 0, 4)), (logits, boxes)], t
+    )
+    assert none[0][0].numel() == 0 and none[0][1].numel() == 0
+    cost = reference_cost(logits[0], boxes[0], t[0]["labels"], t[0]["boxes"])
+    assert sorted(g.tolist()) == [0, 1]
+    assert cost[q, g].sum().item() == pytest.approx(brute_force_min(cost), abs=1e-5)
+
+
 def _criterion():
     return SetCriterion(HungarianMatcher())
 

@@ -104,14 +104,17 @@ class HungarianMatcher(nn.Module):
         """
         device = predictions[0][0].device if predictions else torch.device("cpu")
         counts = [len(t["labels"]) for t in targets]
-        if sum(counts) == 0 or not predictions or predictions[0][0].shape[1] == 0:
+        if sum(counts) == 0 or not predictions:  # nothing to solve: no transfer either
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return [[(empty, empty) for _ in targets] for _ in predictions]
         labels = torch.cat([t["labels"] for t in targets])
         gt_boxes = torch.cat([t["boxes"] for t in targets])
-        image = torch.repeat_interleave(
-            torch.arange(len(targets), device=labels.device),
-            torch.tensor(counts, device=labels.device),
+        # each GT box's image, made on the device (no host-to-device copy, so no sync)
+        image = torch.cat(
+            [
+                torch.full((n,), b, dtype=torch.int64, device=labels.device)
+                for b, n in enumerate(counts)
+            ]
         )
         # sets of one shape (the decoder layers, usually the proposals too) in one stack
         groups: Dict[Tuple, List[int]] = {}
