@@ -37,51 +37,38 @@ class HungarianMatcher(nn.Module):
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = alpha, gamma
 
-    def _focal_cost(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Focal classification cost of the gathered logits; 0 where ``labels < 0``."""
-        prob = logits.float().sigmoid()
-        neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()
-        pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
-        return (pos - neg) * (labels >= 0)
-
-    def _weighted(self, cls: Tensor, boxes: Tensor, gt_boxes: Tensor) -> Tensor:
-        """``w_class * cls + w_bbox * L1 - w_giou * GIoU`` of broadcast ``(cx, cy, w, h)``."""
-        boxes, gt_boxes = boxes.float(), gt_boxes.float()
-        l1 = (boxes - gt_boxes).abs().sum(-1)
-        giou = elementwise_generalized_box_iou(
-            box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes)
-        )
-        return self.cost_class * cls + self.cost_bbox * l1 - self.cost_giou * giou
-
     @torch.no_grad()
     def cost_matrix(
         self, logits: Tensor, boxes: Tensor, labels: Tensor, gt_boxes: Tensor
     ) -> Tensor:
         """``[Q, N_col]`` logits, ``[Q, 4]`` boxes, ``[G]`` labels, ``[G, 4]`` GT -> ``[Q, G]``."""
-        cls = self._focal_cost(logits[:, labels.clamp(min=0)], labels)
-        return self._weighted(cls, boxes[:, None, :], gt_boxes[None, :, :])
+        image = torch.zeros(len(labels), dtype=torch.int64, device=labels.device)
+        return self.batched_cost(logits[None], boxes[None], labels, gt_boxes, image)
 
     @torch.no_grad()
     def batched_cost(
         self, logits: Tensor, boxes: Tensor, labels: Tensor, gt_boxes: Tensor, image: Tensor
     ) -> Tensor:
-        """The cost of every query against every GT box *of its own image*, for a stack of
-        prediction sets at once (a few tensor operations whatever the number of images).
+        """The cost of every query against every GT box *of its own image*, for all images of
+        a prediction set at once (a few tensor operations whatever the number of images).
 
         Args:
-            logits: ``[S, B, Q, N_col]``; boxes: ``[S, B, Q, 4]``.
+            logits: ``[B, Q, N_col]``; boxes: ``[B, Q, 4]``.
             labels, gt_boxes, image: the GT of all images concatenated: ``[G]`` labels,
                 ``[G, 4]`` boxes and ``[G]`` the image index of each.
 
         Returns:
-            ``[S, Q, G]``: column ``g`` holds :meth:`cost_matrix`'s column for GT ``g`` against
-            the queries of image ``image[g]``.
+            ``[Q, G]``: column ``g`` is GT ``g`` against the queries of image ``image[g]``.
         """
-        # two index tensors apart: their dimension comes first, (G, S, Q)
-        gathered = logits[:, image, :, labels.clamp(min=0)].transpose(0, 1)  # (S, G, Q)
-        cls = self._focal_cost(gathered, labels[:, None])
-        cost = self._weighted(cls, boxes[:, image], gt_boxes[:, None, :])  # (S, G, Q)
-        return cost.transpose(1, 2)
+        prob = logits[image, :, labels.clamp(min=0)].float().sigmoid()  # (G, Q): G columns only
+        neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()
+        pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
+        cls = (pos - neg) * (labels >= 0)[:, None]
+        pred, gt = boxes[image].float(), gt_boxes.float()[:, None, :]  # (G, Q, 4), (G, 1, 4)
+        l1 = (pred - gt).abs().sum(-1)
+        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))
+        cost = self.cost_class * cls + self.cost_bbox * l1 - self.cost_giou * giou
+        return cost.t()
 
     @torch.no_grad()
     def match_sets(
@@ -90,9 +77,8 @@ class HungarianMatcher(nn.Module):
         targets: List[Dict[str, Tensor]],
     ) -> List[List[Tuple[Tensor, Tensor]]]:
         """Match several prediction sets (e.g. every decoder layer) against the same targets
-        with one device-to-host transfer: the cost matrices of all images are built together
-        (:meth:`batched_cost`, sets of one shape stacked), copied to the host once, and solved
-        there image by image.
+        with one device-to-host transfer: each set's costs for all its images are built at once
+        (:meth:`batched_cost`), copied to the host together, and solved there image by image.
 
         Args:
             predictions: ``(pred_logits [B, Q, N_col], pred_boxes [B, Q, 4])`` per set.
@@ -116,33 +102,22 @@ class HungarianMatcher(nn.Module):
                 for b, n in enumerate(counts)
             ]
         )
-        # sets of one shape (the decoder layers, usually the proposals too) in one stack
-        groups: Dict[Tuple, List[int]] = {}
-        for i, (logits, boxes) in enumerate(predictions):
-            groups.setdefault((tuple(logits.shape), tuple(boxes.shape)), []).append(i)
-        costs, order = [], []
-        for members in groups.values():
-            logits = torch.stack([predictions[i][0] for i in members])
-            boxes = torch.stack([predictions[i][1] for i in members])
-            costs.append(self.batched_cost(logits, boxes, labels, gt_boxes, image).flatten())
-            order += [(i, logits.shape[2]) for i in members]
-        host = torch.cat(costs).cpu().numpy()  # the one transfer
+        costs = [self.batched_cost(lg, bx, labels, gt_boxes, image) for lg, bx in predictions]
+        host = torch.cat([c.flatten() for c in costs]).cpu().numpy()  # the one transfer
         if not np.isfinite(host).all():
             raise FloatingPointError(
                 "HungarianMatcher: non-finite matching cost (NaN/inf in the predictions?)"
             )
-        G = len(labels)
         bounds = np.concatenate([[0], np.cumsum(counts)])
-        solved, start = {}, 0
-        for i, q in order:
+        pairs, start = [], 0
+        for c in costs:  # in set order, then image order: the order of the output
+            q, G = c.shape
             set_cost = host[start : start + q * G].reshape(q, G)
             start += q * G
-            solved[i] = []
             for b in range(len(targets)):
-                c = set_cost[:, bounds[b] : bounds[b + 1]]
-                rows, cols = linear_sum_assignment(c) if c.size else ([], [])
-                solved[i].append(np.stack([np.asarray(rows, np.int64), np.asarray(cols, np.int64)]))
-        pairs = [p for i in range(len(predictions)) for p in solved[i]]
+                block = set_cost[:, bounds[b] : bounds[b + 1]]
+                rows, cols = linear_sum_assignment(block) if block.size else ([], [])
+                pairs.append(np.stack([np.asarray(rows, np.int64), np.asarray(cols, np.int64)]))
         lengths = [p.shape[1] for p in pairs]
         # all assignments back to the device in one non-blocking copy
         idx = torch.from_numpy(np.concatenate(pairs, 1)).to(device, non_blocking=True)
