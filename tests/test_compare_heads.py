@@ -49,3 +49,66 @@ def test_compare_heads_quick(tmp_path):
         for r in ("cq-dino", "dino")
     }
     assert "CQDINO" in cfgs["cq-dino"] and "CQDINO" not in cfgs["dino"]
+
+
+def _fake_run(folder: Path, ap: float, apr: float, s_per_iter=None, arc=None) -> str:
+    """A finished run folder as train_net.py leaves it: a training record and, at the last
+    iteration, an evaluation record (an earlier, worse evaluation must not be the one read)."""
+    folder.mkdir(parents=True)
+    recs = [
+        {"iteration": 9, "total_loss": 3.0},
+        {"iteration": 4, "bbox/AP": 0.5, "bbox/AP50": 1.0, "bbox/APr": 0.1},
+        {"iteration": 9, "bbox/AP": ap, "bbox/AP50": 2 * ap, "bbox/APr": apr, "bbox/APc": ap},
+    ]
+    (folder / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    if s_per_iter is not None:
+        line = f"d2.engine.hooks INFO: Overall training speed: 8 iterations in 0:00:0{s_per_iter}"
+        (folder / "log.txt").write_text(f"x\n{line} ({s_per_iter:.4f} s / it)\n")
+    if arc is not None:
+        (folder / "arc.json").write_text(json.dumps({"ARC": arc}))
+    return str(folder)
+
+
+def test_compare_heads_from_runs(tmp_path):
+    runs = [
+        ("CQ-DINO", 1000, 0, _fake_run(tmp_path / "a", 10.0, 8.0, 0.5, arc=20.0)),
+        ("CQ-DINO", 1000, 1, _fake_run(tmp_path / "b", 14.0, 9.0, 0.7, arc=30.0)),
+        ("DINO", 1000, 0, _fake_run(tmp_path / "c", 6.0, 3.0, 0.4)),
+        ("DINO", 5000, 0, _fake_run(tmp_path / "d", 2.0, 1.0)),
+    ]
+    manifest = tmp_path / "runs.json"
+    keys = ("head", "categories", "seed", "run")
+    manifest.write_text(json.dumps([dict(zip(keys, r)) for r in runs]))
+    out, png = tmp_path / "summary.json", tmp_path / "fig" / "ap_vs_c.png"
+    cmd = [sys.executable, str(ROOT / "tools" / "compare_heads.py"), "--from-runs", str(manifest)]
+    proc = subprocess.run(
+        cmd + ["--json", str(out), "--plot", str(png)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = {(s["categories"], s["head"]): s for s in json.loads(out.read_text())["summary"]}
+    cq = summary[(1000, "CQ-DINO")]
+    assert cq["seeds"] == [0, 1]
+    assert cq["AP"] == {"mean": 12.0, "min": 10.0, "max": 14.0}  # hand-computed
+    assert cq["APr"]["mean"] == 8.5 and cq["ARC"]["mean"] == 25.0
+    assert cq["s_per_iter"]["mean"] == pytest.approx(0.6)
+    assert summary[(1000, "DINO")]["AP50"]["mean"] == 12.0
+    assert "ARC" not in summary[(5000, "DINO")] and "s_per_iter" not in summary[(5000, "DINO")]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 1000 | CQ-DINO | 2 | 12.00 (10.00-14.00) |" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"head": "YOLO", "categories": 1, "seed": 0, "run": "."}, "head 'YOLO' is not one of"),
+        ({"head": "DINO", "categories": 1, "seed": 0}, "entry 0 must have exactly the keys"),
+        ({"head": "DINO", "categories": 1, "seed": 0, "run": "/nonexistent"}, "no such file"),
+    ],
+)
+def test_compare_heads_bad_manifest(tmp_path, entry, message):
+    manifest = tmp_path / "runs.json"
+    manifest.write_text(json.dumps([entry]))
+    cmd = [sys.executable, str(ROOT / "tools" / "compare_heads.py"), "--from-runs", str(manifest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert message in proc.stderr and proc.stderr.count("\n") <= 1

@@ -13,11 +13,21 @@ mean and the spread (min-max) over seeds.
     python tools/compare_heads.py --categories 1000 5000 --seeds 0 1 --iters 400 \\
         --json output/compare_heads/results.json
     python tools/compare_heads.py --quick      # seconds: 40 categories, tiny images
+
+Runs trained elsewhere (e.g. two processes each through ``train_net.py``) are summarised the
+same way from a manifest, a JSON list of ``{"head": "CQ-DINO" | "DINO", "categories": C,
+"seed": S, "run": "<train_net.py output folder>"}``; each run's last evaluation is read from its
+``metrics.json``, its s/iteration from ``log.txt`` and its ARC from an ``arc.json`` next to them
+(``{"ARC": percent}``, when there). ``--plot`` draws AP and APr against C for both heads (mean
+over seeds, every seed as a point)::
+
+    python tools/compare_heads.py --from-runs runs.json --json summary.json --plot ap_vs_c.png
 """
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = {"CQ-DINO": ROOT / "configs" / "demo.py", "DINO": ROOT / "configs" / "demo_dino.py"}
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
+EXTRAS = ("AP50-agnostic", "ARC", "s_per_iter")  # summarised when the runs have them
 QUICK_OVERRIDES = [
     "dataloader.train.mapper.min_sizes=[64]",
     "dataloader.train.mapper.max_size=80",
@@ -85,6 +96,95 @@ def train_and_eval(head: str, root: Path, out: Path, overrides: List[str], threa
     return {m: float(last[f"bbox/{m}"]) for m in METRICS if f"bbox/{m}" in last}
 
 
+def read_run(run: Path) -> Dict:
+    """A finished ``train_net.py`` run: its last evaluation (METRICS and ``AP50-agnostic``),
+    its training speed (``s_per_iter``, from log.txt) and ARC (``arc.json``), when there."""
+    from cqdino.engine import read_metrics
+
+    _, evals = read_metrics(str(run))
+    if not evals:
+        raise SystemExit(f"{run}: no evaluation in metrics.json (not a finished, evaluated run)")
+    last = evals[max(evals)]
+    out = {m: float(last[f"bbox/{m}"]) for m in METRICS + EXTRAS if f"bbox/{m}" in last}
+    log = run / "log.txt"
+    if log.is_file():
+        m = re.search(
+            r"Overall training speed: \d+ iterations in \S+ \(([\d.]+) s / it\)", log.read_text()
+        )
+        if m:
+            out["s_per_iter"] = float(m.group(1))
+    arc = run / "arc.json"
+    if arc.is_file():
+        out["ARC"] = float(json.loads(arc.read_text())["ARC"])
+    return out
+
+
+def read_manifest(path: Path) -> List[Dict]:
+    """The runs a manifest lists (see the module doc), each checked before any is read."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--from-runs {path}: {e}") from None
+    if not isinstance(entries, list) or not entries:
+        raise SystemExit(f"--from-runs {path}: expected a non-empty JSON list of runs")
+    for i, e in enumerate(entries):
+        keys = {"head", "categories", "seed", "run"}
+        if not isinstance(e, dict) or set(e) != keys:
+            raise SystemExit(
+                f"--from-runs {path}: entry {i} must have exactly the keys {sorted(keys)}"
+            )
+        if e["head"] not in HEADS:
+            raise SystemExit(
+                f"--from-runs {path}: entry {i}: head {e['head']!r} is not one of {list(HEADS)}"
+            )
+        if not (Path(e["run"]) / "metrics.json").is_file():
+            raise SystemExit(
+                f"--from-runs {path}: entry {i}: {e['run']}/metrics.json: no such file"
+            )
+    rows = []
+    for e in entries:
+        row = {"categories": int(e["categories"]), "head": e["head"], "seed": int(e["seed"])}
+        row.update(read_run(Path(e["run"])), run=e["run"])
+        rows.append(row)
+    return rows
+
+
+def plot(rows: List[Dict], summary: List[Dict], path: Path) -> None:
+    """AP and APr against C for both heads: the mean over seeds (line) and every seed (dots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["categories"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("AP", "APr")):
+        for head, colour in (("CQ-DINO", "tab:blue"), ("DINO", "tab:orange")):
+            pts = [(r["categories"], r[key]) for r in rows if r["head"] == head and key in r]
+            if pts:
+                ax.scatter(*zip(*pts), color=colour, alpha=0.5, s=18)
+            mean = [
+                (s["categories"], s[key]["mean"]) for s in summary if s["head"] == head and key in s
+            ]
+            if mean:
+                ax.plot(*zip(*mean), marker="o", color=colour, label=f"{head} (mean over seeds)")
+        ax.set_xscale("log")
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([f"{c:,}" for c in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("categories C")
+        ax.set_ylabel(f"{key} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{key} against the vocabulary size")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def selector_recall(root: Path, out: Path, overrides: List[str]) -> float:
     """ARC: the fraction of (val image, GT category) pairs whose category is in the image's
     top-K selection, with the trained CQ-DINO's selector at inference."""
@@ -123,7 +223,7 @@ def summarise(rows: List[Dict]) -> List[Dict]:
     for c, head in keys:
         runs = [r for r in rows if r["categories"] == c and r["head"] == head]
         s = {"categories": c, "head": head, "seeds": [r["seed"] for r in runs]}
-        for m in METRICS + ("ARC",):
+        for m in METRICS + EXTRAS:
             vals = [r[m] for r in runs if m in r]
             if vals:
                 s[m] = {"mean": float(np.mean(vals)), "min": min(vals), "max": max(vals)}
@@ -132,7 +232,7 @@ def summarise(rows: List[Dict]) -> List[Dict]:
 
 
 def table(summary: List[Dict]) -> str:
-    cols = list(METRICS) + ["ARC"]
+    cols = list(METRICS) + [m for m in EXTRAS if any(m in s for s in summary)]
     lines = ["| C | head | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
     for s in summary:
         cells = []
@@ -159,14 +259,16 @@ def main(argv=None) -> int:
     ap.add_argument("--work-dir", type=Path, default=ROOT / "output" / "compare_heads")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--quick", action="store_true", help="40 categories, tiny data, 2 iterations")
+    ap.add_argument("--from-runs", type=Path, help="summarise the runs this manifest lists")
+    ap.add_argument("--plot", type=Path, help="write AP and APr against C here (PNG)")
     args = ap.parse_args(argv)
     size, extra = (256, 320), []
     if args.quick:
         args.categories, args.iters, args.topk = [40], 2, 10
         args.train_images, args.val_images, size, extra = 8, 4, (64, 80), QUICK_OVERRIDES
     t0 = time.perf_counter()
-    rows = []
-    for c in args.categories:
+    rows = read_manifest(args.from_runs) if args.from_runs else []
+    for c in [] if args.from_runs else args.categories:
         root = args.work_dir / f"data_c{c}"
         generate(root, c, args.train_images, args.val_images, size)
         for seed in args.seeds:
@@ -200,6 +302,8 @@ def main(argv=None) -> int:
         tmp = args.json.with_name(f".{args.json.name}.tmp")
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, args.json)
+    if args.plot:
+        plot(rows, summary, args.plot)
     return 0
 
 
