@@ -22,6 +22,7 @@ same way from a manifest, a JSON list of ``{"head": "CQ-DINO" | "DINO", "categor
 over seeds, every seed as a point)::
 
     python tools/compare_heads.py --from-runs runs.json --json summary.json --plot ap_vs_c.png
+    python tools/compare_heads.py --arc <CQ-DINO run> --topk 100   # writes <run>/arc.json
 """
 
 import argparse
@@ -185,9 +186,10 @@ def plot(rows: List[Dict], summary: List[Dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def selector_recall(root: Path, out: Path, overrides: List[str]) -> float:
+def selector_recall(root: Path, out: Path, overrides: List[str], config: Path = None) -> float:
     """ARC: the fraction of (val image, GT category) pairs whose category is in the image's
-    top-K selection, with the trained CQ-DINO's selector at inference."""
+    top-K selection, with the trained CQ-DINO's selector at inference (``config``: the run's
+    config, default configs/demo.py; ``overrides`` applied to it)."""
     os.environ["DETECTRON2_DATASETS"] = str(root)
     import torch
     from detectron2.config import LazyConfig, instantiate
@@ -197,7 +199,7 @@ def selector_recall(root: Path, out: Path, overrides: List[str]) -> float:
     from cqdino.engine import load_weights_strict
 
     register_synthetic_vocab(str(root))
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(str(HEADS["CQ-DINO"])), overrides)
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(str(config or HEADS["CQ-DINO"])), overrides)
     cfg.train.init_checkpoint = str(out / "model_final.pth")
     model = instantiate(cfg.model).eval()
     load_weights_strict(model, cfg.train.init_checkpoint)
@@ -215,6 +217,24 @@ def selector_recall(root: Path, out: Path, overrides: List[str]) -> float:
                 hit += len(cats & set(idx))
                 total += len(cats)
     return 100.0 * hit / max(total, 1)
+
+
+def run_arc(run: Path, root: Path, topk: int) -> float:
+    """ARC of a finished CQ-DINO run folder (its config.yaml and model_final.pth) at top-K
+    ``topk``, written to ``<run>/arc.json`` (which must not exist yet)."""
+    dest = run / "arc.json"
+    for need in ("config.yaml", "model_final.pth"):
+        if not (run / need).is_file():
+            raise SystemExit(f"--arc {run}: no {need} (not a finished train_net.py run)")
+    if "CQDINO" not in (run / "config.yaml").read_text():
+        raise SystemExit(f"--arc {run}: not a CQ-DINO run (ARC is the selector's recall)")
+    if dest.exists():
+        raise SystemExit(f"--arc {run}: {dest} exists; remove it to measure again")
+    arc = selector_recall(root, run, [f"model.class_head.test_topk={topk}"], run / "config.yaml")
+    tmp = dest.with_name(f".arc.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"ARC": arc, "topk": topk}))
+    os.replace(tmp, dest)
+    return arc
 
 
 def summarise(rows: List[Dict]) -> List[Dict]:
@@ -261,7 +281,19 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="40 categories, tiny data, 2 iterations")
     ap.add_argument("--from-runs", type=Path, help="summarise the runs this manifest lists")
     ap.add_argument("--plot", type=Path, help="write AP and APr against C here (PNG)")
+    ap.add_argument(
+        "--arc",
+        type=Path,
+        metavar="RUN",
+        help="measure ARC of this finished CQ-DINO run at --topk on $DETECTRON2_DATASETS "
+        "(or --data-root) and write RUN/arc.json",
+    )
+    ap.add_argument("--data-root", type=Path, help="with --arc; default: $DETECTRON2_DATASETS")
     args = ap.parse_args(argv)
+    if args.arc:
+        root = args.data_root or Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))
+        print(f"{args.arc} ARC (top-{args.topk}) {run_arc(args.arc, root, args.topk):.2f} %")
+        return 0
     size, extra = (256, 320), []
     if args.quick:
         args.categories, args.iters, args.topk = [40], 2, 10
