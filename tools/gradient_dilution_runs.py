@@ -327,6 +327,27 @@ def measure_run(run_dir: str, args) -> List[dict]:
     return rows
 
 
+def summarise(rows: List[dict]) -> List[dict]:
+    """The pooled ratio over the runs of one (head, C, checkpoint, loss, group): mean, min and
+    max over the runs where it is defined (e.g. two seeds), in the rows' order."""
+    keys: Dict[tuple, List[float]] = {}
+    for r in rows:
+        k = (r["head"], r["C"], r["checkpoint"], r["loss"], r["group"])
+        vals = keys.setdefault(k, [])
+        if r["pooled_ratio"] is not None:
+            vals.append(r["pooled_ratio"])
+    out = []
+    for (head, C, ckpt, loss, group), vals in keys.items():
+        row = dict(head=head, C=C, checkpoint=ckpt, loss=loss, group=group, runs=len(vals))
+        row.update(
+            pooled_mean=sum(vals) / len(vals) if vals else None,
+            pooled_min=min(vals) if vals else None,
+            pooled_max=max(vals) if vals else None,
+        )
+        out.append(row)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="train_net.py output folders")
@@ -358,11 +379,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cols = ["run", "head", "C", "checkpoint", "loss", "group", "categories", "defined"]
     cols += ["mean_ratio", "pooled_ratio"]
     print(format_table(rows, cols))
+    summary = summarise(rows)
+    print("\nover the runs of one head and C (pooled ratio: mean, min-max over the runs):")
+    scols = ["head", "C", "checkpoint", "loss", "group", "runs", "pooled_mean", "pooled_min"]
+    print(format_table(summary, scols + ["pooled_max"]))
     payload = {
         "info": dict(machine_info("cpu"), elapsed_s=round(time.perf_counter() - t0, 1)),
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "groups": [list(g) for g in GROUPS],
         "rows": rows,
+        "summary": summary,
     }
     if args.json:
         write_json(args.json, payload)

@@ -145,3 +145,24 @@ def test_tool_refuses_data_of_another_vocabulary(tiny_checkpoint, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "trained with 40 categories" in last and "30" in last
+
+
+def test_summarise_over_runs():
+    from gradient_dilution_runs import summarise
+
+    def row(run, ratio, group="rare"):
+        return dict(
+            run=run,
+            head="DINO",
+            C=5,
+            checkpoint="init",
+            loss="final",
+            group=group,
+            pooled_ratio=ratio,
+        )
+
+    rows = [row("a", 1.0), row("b", 3.0), row("a", None, "common"), row("b", 2.0, "common")]
+    got = summarise(rows)
+    assert [
+        (r["group"], r["runs"], r["pooled_mean"], r["pooled_min"], r["pooled_max"]) for r in got
+    ] == [("rare", 2, 2.0, 1.0, 3.0), ("common", 1, 2.0, 2.0, 2.0)]
