@@ -100,6 +100,10 @@ def train_and_eval(head: str, root: Path, out: Path, overrides: List[str], threa
 def read_run(run: Path) -> Dict:
     """A finished ``train_net.py`` run: its last evaluation (METRICS and ``AP50-agnostic``),
     its training speed (``s_per_iter``, from log.txt) and ARC (``arc.json``), when there."""
+    from cqdino.utils import quiet_imports  # noqa: F401  (before detectron2)
+
+    # isort: split
+
     from cqdino.engine import read_metrics
 
     _, evals = read_metrics(str(run))
