@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -190,7 +190,9 @@ def plot(rows: List[Dict], summary: List[Dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def selector_recall(root: Path, out: Path, overrides: List[str], config: Path = None) -> float:
+def selector_recall(
+    root: Path, out: Path, overrides: List[str], config: Optional[Path] = None
+) -> float:
     """ARC: the fraction of (val image, GT category) pairs whose category is in the image's
     top-K selection, with the trained CQ-DINO's selector at inference (``config``: the run's
     config, default configs/demo.py; ``overrides`` applied to it)."""
