@@ -95,6 +95,19 @@ def test_compare_heads_from_runs(tmp_path):
     assert "ARC" not in summary[(5000, "DINO")] and "s_per_iter" not in summary[(5000, "DINO")]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 1000 | CQ-DINO | 2 | 12.00 (10.00-14.00) |" in proc.stdout
+    # existing outputs: refused without --overwrite (left as they were), replaced with it
+    out.write_text("mine")
+    proc = subprocess.run(cmd + ["--json", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and "exists: add --overwrite" in proc.stderr
+    assert out.read_text() == "mine"
+    proc = subprocess.run(
+        cmd + ["--json", str(out), "--plot", str(png), "--overwrite"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["summary"]
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,10 @@ from typing import Dict, List, Optional
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's cqdino
+
+from cqdino.utils.io import atomic_save, atomic_write  # noqa: E402
+
 HEADS = {"CQ-DINO": ROOT / "configs" / "demo.py", "DINO": ROOT / "configs" / "demo_dino.py"}
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
 EXTRAS = ("AP50-agnostic", "ARC", "s_per_iter")  # summarised when the runs have them
@@ -154,7 +158,7 @@ def read_manifest(path: Path) -> List[Dict]:
     return rows
 
 
-def plot(rows: List[Dict], summary: List[Dict], path: Path) -> None:
+def plot(rows: List[Dict], summary: List[Dict], path: Path, overwrite: bool = False) -> None:
     """AP and APr against C for both heads: the mean over seeds (line) and every seed (dots)."""
     import matplotlib
 
@@ -183,11 +187,8 @@ def plot(rows: List[Dict], summary: List[Dict], path: Path) -> None:
         ax.legend(fontsize=8)
         ax.set_title(f"{key} against the vocabulary size")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
+    atomic_save(str(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100), overwrite)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def selector_recall(
@@ -237,9 +238,11 @@ def run_arc(run: Path, root: Path, topk: int) -> float:
     if dest.exists():
         raise SystemExit(f"--arc {run}: {dest} exists; remove it to measure again")
     arc = selector_recall(root, run, [f"model.class_head.test_topk={topk}"], run / "config.yaml")
-    tmp = dest.with_name(f".arc.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"ARC": arc, "topk": topk}))
-    os.replace(tmp, dest)
+    text = json.dumps({"ARC": arc, "topk": topk})
+    try:  # overwrite=False: not even an arc.json that appeared during the measurement
+        atomic_write(str(dest), lambda f: f.write(text), mode="w", overwrite=False)
+    except FileExistsError:
+        raise SystemExit(f"--arc {run}: {dest} appeared meanwhile; left as it is") from None
     return arc
 
 
@@ -295,7 +298,11 @@ def main(argv=None) -> int:
         "(or --data-root) and write RUN/arc.json",
     )
     ap.add_argument("--data-root", type=Path, help="with --arc; default: $DETECTRON2_DATASETS")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json/--plot")
     args = ap.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and path.exists() and not args.overwrite:  # before any slow work
+            raise SystemExit(f"{flag} {path} exists: add --overwrite to replace it")
     if args.arc:
         root = args.data_root or Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))
         print(f"{args.arc} ARC (top-{args.topk}) {run_arc(args.arc, root, args.topk):.2f} %")
@@ -336,12 +343,10 @@ def main(argv=None) -> int:
         "seconds": time.perf_counter() - t0,
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, args.json)
+        text = json.dumps(result, indent=1)
+        atomic_write(str(args.json), lambda f: f.write(text), mode="w", overwrite=args.overwrite)
     if args.plot:
-        plot(rows, summary, args.plot)
+        plot(rows, summary, args.plot, args.overwrite)
     return 0
 
 

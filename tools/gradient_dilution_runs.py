@@ -44,6 +44,7 @@ targets; ``tap_rel_err`` in the JSON: the largest absolute difference over the l
 
 import argparse
 import glob
+import json
 import os
 import re
 import sys
@@ -62,8 +63,10 @@ from cqdino.utils import quiet_imports  # noqa: E402, F401  (before detectron2 /
 
 # isort: split
 
-from common import format_table, machine_info, write_json  # noqa: E402
+from common import format_table, machine_info  # noqa: E402
 from gradient_dilution import GROUPS, group_stats  # noqa: E402
+
+from cqdino.utils.io import atomic_write  # noqa: E402
 
 LOSSES = ("final", "all", "selection")
 
@@ -357,7 +360,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the rows here (atomically)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json")
     args = ap.parse_args(argv)
+    if args.json and os.path.exists(args.json) and not args.overwrite:
+        print(f"error: --json {args.json} exists: add --overwrite to replace it", file=sys.stderr)
+        return 2
     if args.images < 1 or args.batch < 1:
         ap.error("--images and --batch must be positive")
     for run in args.runs:  # every folder checked before anything slow starts
@@ -391,7 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "summary": summary,
     }
     if args.json:
-        write_json(args.json, payload)
+        text = json.dumps(payload, indent=1)
+        atomic_write(args.json, lambda f: f.write(text), mode="w", overwrite=args.overwrite)
     return 0
 
 

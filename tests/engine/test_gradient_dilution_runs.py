@@ -114,8 +114,9 @@ def test_tool_on_tiny_runs(tiny_datasets, tiny_checkpoint, tiny_dino_run, tmp_pa
         if r["checkpoint"] != "run":
             # the tapped gradients are the loss's whole gradient: the closed form agrees
             assert r["tap_rel_err"] is not None and r["tap_rel_err"] < 1e-4
-        if r["pooled_ratio"] is not None:
-            assert r["pooled_ratio"] >= 0
+        if r["head"] == "DINO":
+            # every DINO column is every category in every image: each one has negatives
+            assert r["defined"] == r["categories"]
     # every category of the tiny vocabulary is in exactly one group (or has no image)
     for key, group_rows in by.items():
         assert sum(r["categories"] for r in group_rows) <= TINY_CATEGORIES
@@ -132,6 +133,11 @@ def test_tool_bad_inputs_are_one_line_errors(tiny_datasets, tmp_path):
     proc = _tool(tiny_datasets, str(tmp_path), "--checkpoints", "model_0000099.pth")
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'model_0000099.pth'}: no such checkpoint"
+    mine = tmp_path / "mine.json"
+    mine.write_text("mine")
+    proc = _tool(tiny_datasets, str(tmp_path), "--json", str(mine))
+    assert proc.returncode == 2 and "exists: add --overwrite" in proc.stderr
+    assert mine.read_text() == "mine"
 
 
 @pytest.mark.slow
