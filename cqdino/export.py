@@ -40,7 +40,7 @@ from cqdino.modeling.cqdino.contrastive_head import ContrastiveClassHead
 from cqdino.modeling.dino.heads import ClassHeadState
 from cqdino.modeling.dino.meta_arch import DINO
 from cqdino.modeling.dino.neck import level_masks
-from cqdino.utils.io import atomic_save
+from cqdino.utils.io import InputError, atomic_save, check_not_inputs
 
 __all__ = [
     "INPUT_NAMES",
@@ -50,6 +50,7 @@ __all__ = [
     "pad_images",
     "load_weights_strict",
     "check_output_path",
+    "check_outputs_not_inputs",
     "export_program",
     "save_program",
     "load_program",
@@ -221,21 +222,45 @@ def load_weights_strict(model: nn.Module, path: str, use_ema: bool = False) -> N
     model.load_state_dict(state, strict=True)
 
 
-def check_output_path(path: str, suffix: str, overwrite: bool = False) -> None:
+def check_output_path(
+    path: str, suffix: str, overwrite: bool = False, option: str = "--output"
+) -> None:
     """Fail fast (before any slow work) on an output path that cannot be written: wrong
     extension, an existing file without ``overwrite``, a directory, a missing or unwritable
-    folder."""
+    folder. Messages name ``option`` (the argument that gave ``path``)."""
     if not path.endswith(suffix):
-        raise ValueError(f"--output {path!r}: expected a {suffix} file for this format")
+        raise ValueError(f"{option} {path!r}: expected a {suffix} file for this format")
     if os.path.isdir(path):
-        raise ValueError(f"--output {path!r} is a directory")
+        raise ValueError(f"{option} {path!r} is a directory")
     if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"--output {path!r} exists (pass --overwrite to replace it)")
+        raise FileExistsError(f"{option} {path!r} exists (pass --overwrite to replace it)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--output {path!r}: folder {folder!r} does not exist")
+        raise FileNotFoundError(f"{option} {path!r}: folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"--output {path!r}: folder {folder!r} is not writable")
+        raise PermissionError(f"{option} {path!r}: folder {folder!r} is not writable")
+
+
+def check_outputs_not_inputs(outputs: Dict[str, str], inputs: Dict[str, str]) -> None:
+    """Refuse (``InputError``, one line, also with ``--overwrite``) an output that is one of
+    the inputs (the checkpoint, the config) or another output: the same path, a symbolic link
+    to it or a hard link of it. ``outputs`` / ``inputs``: option name -> path (empty paths are
+    skipped)."""
+    ins = {path: option for option, path in inputs.items() if path}
+    done: Dict[str, str] = {}
+    for option, path in outputs.items():
+        if not path:
+            continue
+        for src, src_option in list(ins.items()) + list(done.items()):
+            try:
+                check_not_inputs([path], [src], option)
+            except InputError:
+                raise InputError(
+                    f"{option} {path!r} is the same file as {src_option}={src!r}: choose "
+                    f"another {option} (an output never replaces an input or another output, "
+                    "not even with --overwrite)"
+                ) from None
+        done[path] = option
 
 
 def _save(path: str, save: Callable[[str], None], overwrite: bool) -> None:
@@ -371,26 +396,58 @@ def detections_match(
     expected: Sequence[Tuple[Tensor, Tensor, Tensor]],
     actual: Sequence[Tuple[Tensor, Tensor, Tensor]],
     image_sizes: Tensor,
-    top: int = 50,
     box_tol: float = 1e-3,
     score_tol: float = 1e-4,
 ) -> List[str]:
-    """Compare per-image detections ``(boxes [N, 4], scores [N], classes [N])``: scores within
-    ``score_tol``, boxes within ``box_tol`` x the image size, the same classes for the ``top``
-    best detections. Returns the mismatches found (empty when they agree)."""
+    """Compare per-image detections ``(boxes [N, 4], scores [N], classes [N])`` as matched
+    sets, not rank by rank: every expected detection needs its own twin among the actual ones
+    (one-to-one), with the same class, a score within ``score_tol`` and a box within
+    ``box_tol`` x the image's longer side. The order is not compared, so detections whose
+    scores tie (an untrained model scores many pairs a few 1e-8 apart) may come in either
+    order. Actual detections left without a twin may only be boxes that are empty after
+    clipping (width or height within the box tolerance of 0): eager ``detector_postprocess``
+    drops those, the fixed-size exported outputs keep them. Returns the mismatches found
+    (empty when they agree)."""
+    from scipy.optimize import linear_sum_assignment
+
     errors = []
     for i, ((eb, es, ec), (ab, as_, ac)) in enumerate(zip(expected, actual)):
-        n = min(len(es), len(as_))
-        if len(es) != len(as_):
-            errors.append(f"image {i}: {len(es)} vs {len(as_)} detections")
         h, w = (int(v) for v in image_sizes[i])
-        score_err = (es[:n] - as_[:n]).abs().max().item() if n else 0.0
-        box_err = (eb[:n] - ab[:n]).abs().max().item() / max(h, w) if n else 0.0
-        if score_err > score_tol:
-            errors.append(f"image {i}: scores differ by {score_err:.2e} > {score_tol}")
-        if box_err > box_tol:
-            errors.append(f"image {i}: boxes differ by {box_err:.2e} of the image size > {box_tol}")
-        k = min(top, n)
-        if not torch.equal(ec[:k], ac[:k]):
-            errors.append(f"image {i}: classes of the top {k} detections differ")
+        eb, es, ab, as_ = (t.detach().double().cpu() for t in (eb, es, ab, as_))
+        ec, ac = ec.cpu(), ac.cpu()
+        score_err = (es[:, None] - as_[None]).abs()  # (N, M)
+        box_err = (eb[:, None] - ab[None]).abs().amax(-1) / max(h, w)
+        ok = (ec[:, None] == ac[None]) & (score_err <= score_tol) & (box_err <= box_tol)
+        # one-to-one: the largest set of twins (infeasible pairs cost more than any matching)
+        cost = torch.where(ok, score_err / score_tol + box_err / box_tol, len(es) * 4.0 + 4.0)
+        rows, cols = linear_sum_assignment(cost.numpy()) if len(es) and len(as_) else ([], [])
+        pairs = [(r, c) for r, c in zip(rows, cols) if ok[r, c]]
+        twinned = {r for r, _ in pairs}
+        missing = [r for r in range(len(es)) if r not in twinned]
+        if missing:
+            r = missing[0]
+            near = score_err[r] + torch.where(ec[r] == ac, 0.0, 1.0)
+            c = int(near.argmin()) if len(as_) else -1
+            detail = (
+                f"class {int(ac[c])} score {float(as_[c]):.6f} box error "
+                f"{float(box_err[r, c]):.1e} of the image size"
+                if c >= 0
+                else "none"
+            )
+            errors.append(
+                f"image {i}: {len(missing)} of {len(es)} eager detections have no twin "
+                f"(class, score within {score_tol}, box within {box_tol} of the image size); "
+                f"the first, rank {r} (class {int(ec[r])}, score {float(es[r]):.6f}), is "
+                f"nearest to {detail}"
+            )
+        used = {c for _, c in pairs}
+        extra = [c for c in range(len(as_)) if c not in used]
+        if extra:
+            size = ab[extra, 2:] - ab[extra, :2]  # (E, 2) width, height
+            not_empty = (size.amin(-1) > box_tol * max(h, w)).sum().item()
+            if not_empty:
+                errors.append(
+                    f"image {i}: {not_empty} exported detections with a non-empty box have no "
+                    "eager twin"
+                )
     return errors

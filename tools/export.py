@@ -94,7 +94,7 @@ def _build(args):
     """Config, model (eval, CPU) with its weights: every check that needs no tracing."""
     from detectron2.config import LazyConfig, instantiate
 
-    from cqdino.export import load_weights_strict
+    from cqdino.export import check_outputs_not_inputs, load_weights_strict, size_limits
     from cqdino.modeling import DINO
 
     if not os.path.isfile(args.config_file):
@@ -110,6 +110,11 @@ def _build(args):
         )
     if checkpoint and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"train.init_checkpoint={checkpoint!r}: no such file")
+    # an output is never one of the inputs, nor the other output (not even with --overwrite)
+    check_outputs_not_inputs(
+        {"--output": args.output, "--aoti": args.aoti or ""},
+        {"--config-file": args.config_file, "train.init_checkpoint": checkpoint},
+    )
     model = instantiate(cfg.model)
     if not isinstance(model, DINO):
         raise ValueError(
@@ -120,6 +125,7 @@ def _build(args):
         ema = cfg.train.get("ema", {})
         use_ema = bool(ema.get("enabled", False) and ema.get("eval_with_ema", True))
         load_weights_strict(model, checkpoint, use_ema=use_ema)
+    size_limits(model, args.max_size)  # --max-size below the model's minimum: one line
     return cfg, model.to("cpu").eval()
 
 
@@ -145,11 +151,9 @@ def _check(args, model, info) -> List[str]:
         session = onnxruntime.InferenceSession(args.output, providers=["CPUExecutionProvider"])
         out = session.run(None, {"images": images.numpy(), "image_sizes": sizes.numpy()})
         boxes, scores, classes = (torch.from_numpy(o) for o in out)
+    # matched as sets: scores that tie may come in either order, and eager drops the boxes
+    # that are empty after clipping (the exported outputs keep them)
     actual = [(boxes[i], scores[i], classes[i]) for i in range(len(sizes))]
-    # eager drops boxes that are empty after clipping; compare the detections it kept
-    actual = [
-        (b[: len(e[1])], s[: len(e[1])], c[: len(e[1])]) for (b, s, c), e in zip(actual, expected)
-    ]
     return detections_match(expected, actual, sizes)
 
 
@@ -167,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         check_output_path(args.output, SUFFIX[args.format], args.overwrite)
         if args.aoti:
-            check_output_path(args.aoti, ".pt2", args.overwrite)
+            check_output_path(args.aoti, ".pt2", args.overwrite, option="--aoti")
         if args.format == "onnx":
             _check_onnx_packages()
         _, model = _build(args)
@@ -194,7 +198,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logger.info(f"wrote {args.output} ({size_mb:.1f} MiB) in {time.perf_counter() - t0:.0f} s")
     if args.aoti:
         t0 = time.perf_counter()
-        aoti_package(program, args.aoti, args.overwrite)
+        try:
+            aoti_package(program, args.aoti, args.overwrite)
+        except Exception as e:  # compiler missing or failing: name the option, keep one line
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            logger.error(
+                f"--aoti {args.aoti}: AOTInductor compilation failed ({type(e).__name__}:"
+                f" {first}); {args.output} was written"
+            )
+            return 1
         logger.info(f"wrote {args.aoti} (AOTInductor) in {time.perf_counter() - t0:.0f} s")
     if not args.no_check:
         errors = _check(args, model, info)

@@ -133,10 +133,20 @@ def check_not_inputs(
     outputs: Iterable[str], inputs: Iterable[str], what: str, hint: Optional[str] = None
 ) -> None:
     """Raise :class:`InputError` when a path in ``outputs`` is (the same file as) one of
-    ``inputs``: an output must never replace an input."""
+    ``inputs``: an output must never replace an input. The same file: the same path after
+    resolving symbolic links, or a hard link of it (same device and inode)."""
     real = {os.path.realpath(p): p for p in inputs}
     for out in outputs:
         src = real.get(os.path.realpath(out))
+        if src is None and os.path.exists(out):
+            src = next((p for p in real.values() if _same_inode(out, p)), None)
         if src is not None:
             msg = f"{what}: writing {out} would overwrite the input {src}"
             raise InputError(msg + (f"; {hint}" if hint else ""))
+
+
+def _same_inode(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # b does not exist
+        return False
