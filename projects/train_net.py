@@ -50,6 +50,7 @@ from cqdino.data.build import (
     dataset_class_names,
     register_config_datasets,
 )
+from cqdino.data.datasets import check_config_categories
 from cqdino.data.mapper import RecordError
 from cqdino.engine import (
     AtomicCheckpointer,
@@ -347,6 +348,7 @@ def preflight(args) -> None:
         raise InputError(f"train.init_checkpoint={init}: no such file")
     register_config_datasets(cfg)
     check_datasets(_dataset_names(cfg))
+    check_config_categories(cfg)  # a val json with the training json's categories
     _check_class_counts(cfg)
     if replace:  # every check passed: only now is anything of the old run removed
         for name in ("last_checkpoint", "metrics.json"):  # the new run's, not a mix of two

@@ -29,6 +29,8 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from cqdino.utils.io import InputError
+
 from . import synthetic
 
 __all__ = [
@@ -80,15 +82,30 @@ def read_category_names(path: str) -> List[str]:
 
 
 def _load_json(json_file: str) -> dict:
+    """A COCO detection json; an unreadable file or invalid JSON is an :class:`InputError`
+    naming the file (and the line and column of the first JSON error)."""
     t0 = time.perf_counter()
     try:
         with open(json_file, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read annotation file {json_file}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"annotation file {json_file}: invalid JSON at line {e.lineno} column {e.colno} "
+            f"({e.msg})"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"annotation file {json_file}: not UTF-8 text (byte {e.start}: {e.reason})"
+        ) from None
+    except OSError as e:
+        raise InputError(f"cannot read annotation file {json_file}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise InputError(
+            f"{json_file}: not a COCO detection json (a JSON {type(data).__name__}, not an object)"
+        )
     for key in ("images", "annotations", "categories"):
         if key not in data:
-            raise ValueError(f"{json_file}: not a COCO detection json (no {key!r})")
+            raise InputError(f"{json_file}: not a COCO detection json (no {key!r})")
     logger.info(f"Loaded {json_file} in {time.perf_counter() - t0:.1f} s")
     return data
 
@@ -122,6 +139,28 @@ def _image_counts(annotations: list, category_ids: Sequence[int]) -> Dict[int, i
     return out
 
 
+def _sorted_categories(json_file: str, data: dict) -> List[dict]:
+    """The ``categories`` of a loaded json in id order; duplicate ids are an error."""
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    ids = [int(c["id"]) for c in cats]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i, j in zip(ids, ids[1:]) if i == j})
+        raise InputError(f"{json_file}: duplicate category ids {_some(dup)}")
+    return cats
+
+
+def _check_image_ids(json_file: str, images: list) -> None:
+    """Each image id once (annotations refer to images by id)."""
+    first: Dict[int, int] = {}
+    for k, im in enumerate(images):
+        if im["id"] in first:
+            raise InputError(
+                f"{json_file}: duplicate image id {im['id']} (entries {first[im['id']]} and {k} "
+                "of its 'images', counting from 0)"
+            )
+        first[im["id"]] = k
+
+
 def load_detection_json(
     json_file: str,
     image_root: str,
@@ -147,18 +186,27 @@ def load_detection_json(
         ``annotations`` (``bbox`` xywh, ``bbox_mode`` XYWH_ABS, contiguous ``category_id``,
         ``iscrowd``). Box validity is checked by the mapper (it knows the real image size).
     Raises:
-        ValueError naming the annotation and image on an unknown category or image id.
+        :class:`~cqdino.utils.io.InputError` (a ``ValueError``) naming the file and the
+        annotation, image or category: invalid JSON (line and column), duplicate image or
+        category ids, an unknown category or image id, or categories other than the ones
+        ``dataset_name`` is registered with (its ``thing_dataset_id_to_contiguous_id``).
     """
     data = _load_json(json_file)
     t0 = time.perf_counter()
-    cats = sorted(data["categories"], key=lambda c: c["id"])
+    cats = _sorted_categories(json_file, data)
     cat_ids = [int(c["id"]) for c in cats]
-    if len(set(cat_ids)) != len(cat_ids):
-        raise ValueError(f"{json_file}: duplicate category ids")
     id_map = {c: i for i, c in enumerate(cat_ids)}
+    if dataset_name is not None:
+        registered = MetadataCatalog.get(dataset_name).get("thing_dataset_id_to_contiguous_id")
+        if registered is not None and set(registered) != set(id_map):
+            diff = _id_difference(set(registered), set(id_map), "the registration", "the json")
+            raise InputError(
+                f"{json_file}: its category ids differ from those dataset {dataset_name!r} is "
+                f"registered with: {diff}"
+            )
     if category_names is not None:
         if len(category_names) != len(cats):
-            raise ValueError(
+            raise InputError(
                 f"{json_file}: {len(cats)} categories but {len(category_names)} display names"
             )
         names = list(category_names)
@@ -166,13 +214,12 @@ def load_detection_json(
         names = [c["name"] for c in cats]
 
     images = data["images"]
+    _check_image_ids(json_file, images)
     per_image: Dict[int, list] = {}
     dicts = []
     for im in images:
         anns: list = []
         image_id = im["id"]
-        if image_id in per_image:
-            raise ValueError(f"{json_file}: duplicate image id {image_id}")
         per_image[image_id] = anns
         dicts.append(
             {
@@ -188,14 +235,14 @@ def load_detection_json(
         try:
             target = per_image[a["image_id"]]
         except KeyError:
-            raise ValueError(
+            raise InputError(
                 f"{json_file}: annotation {a.get('id')} refers to unknown image id "
                 f"{a.get('image_id')}"
             ) from None
         try:
             cid = id_map[a["category_id"]]
         except KeyError:
-            raise ValueError(
+            raise InputError(
                 f"{json_file}: annotation {a.get('id')} of image {a['image_id']} has unknown "
                 f"category id {a.get('category_id')}"
             ) from None
@@ -453,7 +500,11 @@ def register_coco_json(name: str, json_file: str, image_root: str) -> str:
             return name
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"dataset {name!r}: image folder {image_root} does not exist")
-    cats = _read_categories(json_file)
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"annotation file {json_file}: no such file")
+    data = _load_json(json_file)
+    cats = _sorted_categories(json_file, data)
+    _check_image_ids(json_file, data["images"])  # now, not once training has started
     _replace(
         name,
         lambda: load_detection_json(json_file, image_root, name),
@@ -481,6 +532,89 @@ def coco_json_dataset(
 def coco_json_num_categories(json_file: str) -> int:
     """The number of categories of a COCO-format json (the model's class count)."""
     return len(_read_categories(json_file))
+
+
+def _some(items: Sequence, n: int = 5) -> str:
+    """At most ``n`` items for a one-line message, with the count when there are more."""
+    items = list(items)
+    more = f", ... ({len(items)} in all)" if len(items) > n else ""
+    return "[" + ", ".join(str(x) for x in items[:n]) + more + "]"
+
+
+def _id_difference(a: set, b: set, a_name: str, b_name: str) -> str:
+    parts = []
+    if a - b:
+        parts.append(f"ids only in {a_name}: {_some(sorted(a - b))}")
+    if b - a:
+        parts.append(f"ids only in {b_name}: {_some(sorted(b - a))}")
+    return "; ".join(parts)
+
+
+def dataset_categories(name: str) -> Optional[Dict[int, str]]:
+    """Category id -> name of a registered dataset, from its metadata
+    (``thing_dataset_id_to_contiguous_id`` and ``thing_classes``); None when the metadata does
+    not have both (a lazily registered json before it is loaded)."""
+    if name not in DatasetCatalog.list():
+        return None
+    meta = MetadataCatalog.get(name)
+    id_map = meta.get("thing_dataset_id_to_contiguous_id", None)
+    classes = meta.get("thing_classes", None)
+    if id_map is None or classes is None or len(id_map) != len(classes):
+        return None
+    return {int(i): classes[c] for i, c in id_map.items()}
+
+
+def _describe(name: str) -> str:
+    json_file = MetadataCatalog.get(name).get("json_file", None)
+    return f"dataset {name!r}" + (f" ({json_file})" if json_file else "")
+
+
+def check_same_categories(train_names: Sequence[str], test_names: Sequence[str] = ()) -> None:
+    """Every dataset of ``test_names`` (and every further training dataset) must have the
+    categories of the first training dataset: the same ids with the same names (the order of a
+    json's ``categories`` list does not matter: ids are numbered in sorted order). Otherwise the
+    model's class ``i`` would be another category in evaluation.
+
+    Datasets whose metadata has no categories yet are skipped (a json is also checked against
+    the categories its dataset is registered with when it is loaded).
+
+    Raises:
+        :class:`~cqdino.utils.io.InputError`, one line naming both datasets and their files,
+        the ids found in one only and the ids whose names differ.
+    """
+    train_names, test_names = list(train_names), list(test_names)
+    if not train_names:
+        return
+    ref_name = train_names[0]
+    ref = dataset_categories(ref_name)
+    if ref is None:
+        return
+    for name in train_names[1:] + test_names:
+        cats = dataset_categories(name)
+        if cats is None or cats == ref:
+            continue
+        diffs = [_id_difference(set(ref), set(cats), repr(ref_name), repr(name))]
+        common = sorted(set(ref) & set(cats))
+        renamed = [f"{i}: {ref[i]!r} vs {cats[i]!r}" for i in common if ref[i] != cats[i]]
+        if renamed:
+            diffs.append(f"ids named differently: {_some(renamed, 3)}")
+        raise InputError(
+            f"{_describe(name)} has other categories than the training {_describe(ref_name)} "
+            f"({len(cats)} vs {len(ref)}): {'; '.join(d for d in diffs if d)}; its class "
+            "numbers would mean other categories: give it the training json's categories"
+        )
+
+
+def check_config_categories(cfg) -> None:
+    """:func:`check_same_categories` for the datasets of a LazyConfig
+    (``dataloader.train.dataset.names`` and ``dataloader.test.dataset.names``)."""
+    from omegaconf import OmegaConf
+
+    def names(split: str) -> List[str]:
+        value = OmegaConf.select(cfg, f"dataloader.{split}.dataset.names", default=None)
+        return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+    check_same_categories(names("train"), names("test"))
 
 
 def category_tree_file(dataset_name: str, must_exist: bool = True) -> str:
