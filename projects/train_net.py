@@ -49,6 +49,7 @@ from cqdino.data.build import (
     check_datasets,
     dataset_class_names,
     register_config_datasets,
+    resolve_seed,
 )
 from cqdino.data.datasets import check_config_categories
 from cqdino.data.mapper import RecordError
@@ -292,6 +293,7 @@ def setup(cfg, args) -> None:
     logger.info(f"Command line arguments: {args}")
     with open(args.config_file) as f:
         logger.info(f"Contents of {args.config_file}:\n{f.read()}")
+    seed = _resolve_run_seed(cfg, args)
     if comm.is_main_process():
         path = os.path.join(output_dir, "config.yaml")
         if args.eval_only and os.path.exists(path):
@@ -300,8 +302,29 @@ def setup(cfg, args) -> None:
         LazyConfig.save(cfg, tmp)
         os.replace(tmp, path)
         logger.info(f"Full config saved to {path}")
+    seed_all_rng(seed + rank)
+
+
+def _resolve_run_seed(cfg, args) -> int:
+    """``train.seed`` of this run, made concrete before ``config.yaml`` is written (detectron2's
+    convention: ``-1`` is a fresh random seed, logged and saved so the run can be repeated).
+
+    A resumed run keeps the seed its ``config.yaml`` recorded (the data stream and augmentation
+    continue where they stopped); otherwise ``-1`` draws one seed shared by all ranks. The
+    loader's ``seed="${train.seed}"`` follows, so model, sampler and augmentation share it."""
     seed = cfg.train.get("seed", -1)
-    seed_all_rng(None if seed is None or seed < 0 else seed + rank)
+    seed = -1 if seed is None else int(seed)
+    saved = os.path.join(cfg.train.output_dir, "config.yaml")
+    if seed < 0 and args.resume and os.path.isfile(saved):
+        previous = LazyConfig.load(saved).train.get("seed", -1)
+        if previous is not None and int(previous) >= 0:
+            seed = int(previous)
+            logger.info(f"train.seed=-1 on --resume: continuing with the run's seed {seed}")
+    if seed < 0:
+        seed = resolve_seed(None)
+        logger.info(f"train.seed=-1: drew the random seed {seed} (saved in config.yaml)")
+    cfg.train.seed = seed
+    return seed
 
 
 # Errors a user can fix from the message alone: logged as one line, exit status 1.

@@ -39,6 +39,7 @@ __all__ = [
     "check_datasets",
     "get_dataset_dicts",
     "ResumableTrainingSampler",
+    "resolve_seed",
     "SeededMapDataset",
     "ResumableBatchLoader",
     "build_train_loader",
@@ -123,13 +124,22 @@ def get_dataset_dicts(
     return dicts
 
 
+def resolve_seed(seed: Optional[int]) -> int:
+    """``seed`` itself when ``>= 0``; None or negative (detectron2's ``-1``: "random") draws one
+    seed shared by all ranks (:func:`detectron2.utils.comm.shared_random_seed`)."""
+    if seed is None or int(seed) < 0:
+        return int(comm.shared_random_seed())
+    return int(seed)
+
+
 class ResumableTrainingSampler(Sampler):
     """Infinite stream of ``(index, position)`` for this rank.
 
     Args:
         size: dataset length.
         shuffle: a new permutation every epoch (else ``0..size-1`` repeated).
-        seed: stream seed; must be the same on all ranks (default: a seed shared by all ranks).
+        seed: stream seed; must be the same on all ranks (None or negative: a random seed
+            shared by all ranks).
         repeat_factors: optional (size,) float tensor (class-aware repeat-factor sampling); each
             epoch repeats image ``i`` ``floor(r_i)`` times plus once more with probability
             ``frac(r_i)``.
@@ -152,7 +162,7 @@ class ResumableTrainingSampler(Sampler):
             )
         self._size = size
         self._shuffle = shuffle
-        self._seed = int(comm.shared_random_seed() if seed is None else seed)
+        self._seed = resolve_seed(seed)
         self._repeat = None if repeat_factors is None else torch.as_tensor(repeat_factors)
         self._rank = comm.get_rank()
         self._world = comm.get_world_size()
@@ -303,7 +313,8 @@ def build_train_loader(
         aspect_ratio_grouping: batch images with ``w > h`` apart from the others.
         repeat_threshold: class-aware repeat-factor sampling threshold (V3Det baselines: 1e-3);
             None samples every image once per epoch.
-        seed: stream and augmentation seed (default: one shared random seed for all ranks).
+        seed: stream and augmentation seed (None or negative: one random seed shared by all
+            ranks).
     """
     world = comm.get_world_size()
     if total_batch_size <= 0 or total_batch_size % world:
@@ -319,7 +330,7 @@ def build_train_loader(
     repeat = None
     if repeat_threshold:
         repeat = repeat_factors_from_category_frequency(list(dataset), repeat_threshold)
-    seed = int(comm.shared_random_seed() if seed is None else seed)
+    seed = resolve_seed(seed)
     sampler = ResumableTrainingSampler(len(dataset), shuffle, seed, repeat)
     mapped = SeededMapDataset(dataset, mapper, seed)
     logger.info(
@@ -363,10 +374,19 @@ def register_config_datasets(cfg) -> None:
         register_coco_json(node.names, node.json_file, node.image_root)
 
 
-def dataset_class_names(dataset_name: str, num_classes: int) -> Optional[List[str]]:
-    """``thing_classes`` of a registered dataset (None if its metadata has none), checked
-    against the model's class count: a mismatch raises, naming both config keys."""
-    names = MetadataCatalog.get(dataset_name).get("thing_classes")
+def dataset_class_names(
+    dataset_name: str, num_classes: int, required: bool = False
+) -> Optional[List[str]]:
+    """The class names of a registered dataset, checked against the model's class count (a
+    mismatch raises, naming both config keys): its ``thing_classes``, else, for a dataset
+    registered lazily from a COCO json (detectron2's ``register_coco_instances``: the names
+    exist only once the json is loaded), the names of the json's ``categories`` in sorted-id
+    order (:func:`~cqdino.data.datasets.json_category_names`; the annotations are not read).
+
+    Returns None when the metadata has neither, unless ``required`` (what a model that needs
+    the names asks for): then :class:`~cqdino.utils.io.InputError` names the dataset, as it
+    does for an unregistered dataset or a json whose categories cannot be read."""
+    names = _metadata_class_names(dataset_name, required)
     if names is not None and len(names) != num_classes:
         raise InputError(
             f"the model has {num_classes} classes (model.class_head.num_categories / "
@@ -374,3 +394,33 @@ def dataset_class_names(dataset_name: str, num_classes: int) -> Optional[List[st
             f"{len(names)} categories"
         )
     return None if names is None else list(names)
+
+
+def _metadata_class_names(dataset_name: str, required: bool) -> Optional[List[str]]:
+    """``thing_classes``, else the categories of the metadata's ``json_file``, of a registered
+    dataset (see :func:`dataset_class_names`)."""
+    from .datasets import json_category_names
+
+    meta = MetadataCatalog.get(dataset_name)
+    names = meta.get("thing_classes", None)
+    if names is not None:
+        return list(names)
+    json_file = meta.get("json_file", None)
+    if json_file:
+        try:
+            return json_category_names(json_file)
+        except ValueError as e:
+            raise InputError(f"dataset {dataset_name!r}: class names: {e}") from None
+    if not required:
+        return None
+    if dataset_name not in DatasetCatalog.list():
+        raise InputError(
+            f"dataset {dataset_name!r} is not registered, so its class names are unknown "
+            "(register it before the config is instantiated, e.g. with detectron2's "
+            "register_coco_instances)"
+        )
+    raise InputError(
+        f"dataset {dataset_name!r} has no class names: its metadata has neither thing_classes "
+        f"nor a COCO json_file to read them from (set MetadataCatalog.get({dataset_name!r})"
+        ".thing_classes when registering it)"
+    )
