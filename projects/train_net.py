@@ -67,6 +67,7 @@ from cqdino.engine import (
     unwrap_model,
 )
 from cqdino.engine.config_check import config_num_classes, load_config, validate_config
+from cqdino.engine.launch import LAUNCHERS, TIMEOUT_ENV, dist_timeout
 from cqdino.utils.io import InputError, check_output_dir
 
 logger = logging.getLogger("cqdino.train_net")
@@ -403,22 +404,40 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="train into a train.output_dir that holds a previous run, replacing it",
     )
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="auto",
+        help="who starts the processes: auto (torchrun or srun when their environment "
+        "variables say so, else this script), spawn (this script: --num-gpus per machine), "
+        "torchrun, slurm",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long a process waits for the others (a dead or hung node stops the job "
+        f"after it); default ${TIMEOUT_ENV} or 1800",
+    )
     default_url = parser.get_default("dist_url")
     args = parser.parse_args(_options_first(parser, list(sys.argv[1:] if argv is None else argv)))
     # detectron2's default port is fixed per user: a second run on the machine would die
     # with EADDRINUSE; on one machine, pick a free port instead.
     if args.dist_url == default_url and args.num_machines == 1:
         args.dist_url = "auto"
+    elif args.dist_url == default_url:  # 127.0.0.1: each machine would wait for itself
+        parser.error(
+            f"--num-machines {args.num_machines} needs --dist-url tcp://HOST:PORT (machine 0)"
+        )
     return args
 
 
 def cli(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        preflight(args)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+    # The checks run once per job (before any process starts, or on rank 0 of a job that
+    # torchrun, srun or several machines started); every rank stops at an error.
     try:
         launch(
             main,
@@ -427,7 +446,13 @@ def cli(argv=None):
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
             args=(args,),
+            timeout=dist_timeout(args.dist_timeout),
+            preflight=preflight,
+            user_errors=USER_ERRORS,
+            launcher=args.launcher,
         )
+    except USER_ERRORS as e:
+        sys.exit(f"error: {e}")
     except torch.multiprocessing.ProcessExitedException as e:
         sys.exit(f"error: a training process failed ({e}); its message is in the log above")
 
