@@ -35,23 +35,33 @@ Layout of ``out_dir``::
 """
 
 import argparse
+import ctypes
 import json
 import logging
 import math
 import multiprocessing
 import os
+import random
+import re
 import shutil
 import signal
+import socket
+import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+# ``python -m cqdino.data.synthetic`` imports the package ``cqdino.data``, which imports this
+# module before detectron2: hiding fvcore's import-time ``torch.jit.script`` FutureWarning here
+# keeps ``--help`` (and every run) free of it
+from cqdino.utils import quiet_imports  # noqa: F401
 from cqdino.utils.io import InputError, check_output_dir, make_temp_dir
 
 __all__ = [
@@ -64,6 +74,7 @@ __all__ = [
     "category_quotas",
     "category_attributes",
     "main",
+    "WorkerError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -429,7 +440,34 @@ _MIN_PARALLEL_IMAGES = 200
 _WORKER_STATE: dict = {}
 
 
-def _init_worker(state: dict) -> None:
+def _exit_with_parent(parent_pid: int) -> None:
+    """Make this worker end when the process that started it dies (a parent killed with
+    SIGKILL cannot stop its workers, which would wait for work forever): Linux delivers SIGKILL
+    on the parent's death (``prctl(PR_SET_PDEATHSIG)``); elsewhere a thread polls the parent
+    pid every second. A parent already gone ends the worker at once."""
+    watch = True
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            watch = libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # died before the signal was armed
+        os._exit(1)
+    if watch:
+
+        def poll() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=poll, daemon=True).start()
+
+
+def _init_worker(state: dict, parent_pid: int) -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (fork)
+    _exit_with_parent(parent_pid)
     _WORKER_STATE.clear()
     _WORKER_STATE.update(state)
 
@@ -464,19 +502,64 @@ def _render_chunk_in_worker(split: str, split_idx: int, first: int, objects) -> 
     return _render_chunk(_WORKER_STATE, split, split_idx, first, objects)
 
 
+def _spawn_blocker() -> Optional[str]:
+    """None when a spawned worker can start, else the reason it cannot: spawn re-imports the
+    main script from its path, which a script read from standard input (``python - <<EOF``,
+    path ``<stdin>``) does not have."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(getattr(main, "__spec__", None), "name", None):
+        return None  # ``python -m``: imported by module name
+    path = getattr(main, "__file__", None)
+    if path is None:
+        return None  # ``python -c`` or interactive: nothing to re-import
+    path = os.path.join(getattr(multiprocessing.process, "ORIGINAL_DIR", None) or "", path)
+    if os.path.isfile(path):
+        return None
+    return f"the main script {getattr(main, '__file__', path)} is not a file a worker can import"
+
+
+# "fork" or "spawn" instead of the choice of :func:`_pool_context` (tests)
+_START_METHOD: Optional[str] = None
+
+
+def _pool_context():
+    """fork when this process runs a single thread (Linux, ``/proc/self/task``; the command
+    line's case): workers start at once, share the imported modules, and need not import the
+    main script; else spawn (forking a process that runs other threads can deadlock)."""
+    if _START_METHOD is not None:
+        return multiprocessing.get_context(_START_METHOD)
+    if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods():
+        try:
+            if len(os.listdir("/proc/self/task")) == 1:
+                return multiprocessing.get_context("fork")
+        except OSError:
+            pass
+    return multiprocessing.get_context("spawn")
+
+
 def _render_pool(workers: Optional[int], total: int, state: dict):
     """A process pool for the rendering, or None to render in this process."""
+    requested = workers
     if workers is None:
         workers = min(os.cpu_count() or 1, 8) if total >= _MIN_PARALLEL_IMAGES else 1
     if workers <= 1:
         return None
-    # spawn: the workers import numpy and PIL only, whatever threads this process runs
+    context = _pool_context()
+    reason = _spawn_blocker() if context.get_start_method() != "fork" else None
+    if reason is not None:
+        log = logger.warning if requested is not None else logger.info
+        log(f"rendering the images in this process, not in {workers} worker processes: {reason}")
+        return None
     return ProcessPoolExecutor(
         max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=context,
         initializer=_init_worker,
-        initargs=(state,),
+        initargs=(state, os.getpid()),
     )
+
+
+class WorkerError(RuntimeError):
+    """A rendering worker process died (the message says what can cause it)."""
 
 
 def _render_split(pool, state: dict, split: str, split_idx: int, objects) -> List[tuple]:
@@ -486,8 +569,61 @@ def _render_split(pool, state: dict, split: str, split_idx: int, objects) -> Lis
         return [
             r for first, objs in chunks for r in _render_chunk(state, split, split_idx, first, objs)
         ]
-    futures = [pool.submit(_render_chunk_in_worker, split, split_idx, f, o) for f, o in chunks]
-    return [r for fut in futures for r in fut.result()]
+    try:
+        futures = [pool.submit(_render_chunk_in_worker, split, split_idx, f, o) for f, o in chunks]
+        return [r for fut in futures for r in fut.result()]
+    except BrokenProcessPool:
+        raise WorkerError(
+            "a process rendering the synthetic images died before finishing (its own error, if "
+            "any, is printed above): killed (e.g. out of memory), or it could not start because "
+            "the calling script cannot be imported again by a new process (a script needs its "
+            'work under `if __name__ == "__main__":`); workers=1 (--workers 1) renders in '
+            "this process"
+        ) from None
+
+
+# Temporary folders: .synthetic_vocab-[old-]<host>-<pid>-<random> next to the output; the host
+# and pid say whose they are, so the next run removes the ones a killed run left.
+_TMP_PREFIX = ".synthetic_vocab-"
+_TMP_NAME = re.compile(r"^\.synthetic_vocab-(?:old-)?(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    try:  # a zombie (killed, not yet reaped by its parent) is dead
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _remove_stale_temporaries(parent: str) -> None:
+    """Remove the temporary folders in ``parent`` that a generator run on this host left when it
+    was killed (its pid no longer runs); a live run's, or another host's, are left alone."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    host = _host()
+    for name in names:
+        m = _TMP_NAME.match(name)
+        if m is None or m["host"] != host or _pid_alive(int(m["pid"])):
+            continue
+        path = os.path.join(parent, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            logger.warning(
+                f"removing {path}, left by a generator run (pid {m['pid']}) that was killed"
+            )
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def generate(
@@ -535,9 +671,15 @@ def generate(
         overwrite: replace an existing ``out_dir`` written by this generator.
         workers: processes rendering the images (default: the CPU cores, at most 8; a few
             images are rendered in this process). Every image is a function of its own seed,
-            so the output is the same, byte for byte, for any number of workers.
+            so the output is the same, byte for byte, for any number of workers. Workers end
+            when this process dies; a script read from standard input (which spawned workers
+            cannot import) renders in this process.
     Returns:
         ``out_dir``.
+    Raises:
+        WorkerError when a worker process dies (nothing is left behind). The temporary folders
+        of a killed run (``.synthetic_vocab-<host>-<pid>-*`` next to ``out_dir``, pid no longer
+        running) are removed by the next run.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
@@ -550,6 +692,9 @@ def generate(
     lo, hi = image_size
     if not 16 <= lo <= hi:
         raise ValueError(f"image_size must be (min, max) with 16 <= min <= max, got {image_size}")
+    for key, value in (("seed", seed), ("image_seed", image_seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1, got {max_objects}")
     if not min_object_size >= 4:
@@ -584,7 +729,8 @@ def generate(
     )
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = make_temp_dir(".synthetic_vocab-", parent)
+    _remove_stale_temporaries(parent)
+    tmp = make_temp_dir(f"{_TMP_PREFIX}{_host()}-{os.getpid()}-", parent)
     pool = None
     try:
         os.makedirs(os.path.join(tmp, "annotations"))
@@ -635,7 +781,7 @@ def generate(
             json.dump(params, f, indent=1)
         if os.path.exists(out_dir):  # overwrite: move the old one away first
             check_replaceable(out_dir)  # still a generated dataset (not swapped meanwhile)
-            old = tempfile.mkdtemp(prefix=".synthetic_vocab-old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{_host()}-{os.getpid()}-", dir=parent)
             os.rename(out_dir, os.path.join(old, "d"))
             os.rename(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -795,13 +941,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         "--seed",
         type=int,
         default=DEMO_CONFIG["seed"],
-        help="the vocabulary, tree and frequencies (and, with --image-seed, the images)",
+        help="the vocabulary, tree and frequencies (and, with --image-seed, the images); -1: a "
+        "random seed, printed and saved in meta.json",
     )
     p.add_argument(
         "--image-seed",
         type=int,
         default=DEMO_CONFIG["image_seed"],
-        help="other renderings of the same vocabulary: new images, same categories and tree",
+        help="other renderings of the same vocabulary: new images, same categories and tree; "
+        "-1: a random seed, printed and saved in meta.json",
     )
     p.add_argument(
         "--overwrite",
@@ -831,6 +979,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         p.error(
             f"--image-size MIN MAX needs 16 <= MIN <= MAX, got {a.image_size[0]} {a.image_size[1]}"
         )
+    for flag, value in (("--seed", a.seed), ("--image-seed", a.image_seed)):
+        if value < -1:
+            p.error(f"{flag} must be >= 0, or -1 for a random seed, got {value}")
     out = os.path.abspath(os.path.expanduser(a.out))
     try:
         if os.path.lexists(out):
@@ -843,17 +994,24 @@ def main(argv: Optional[List[str]] = None) -> None:
         check_output_dir(os.path.dirname(out), "--out (its parent folder)")
     except InputError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
+    for flag in ("seed", "image_seed"):
+        if getattr(a, flag) == -1:  # random, but repeatable: printed and kept in meta.json
+            setattr(a, flag, random.SystemRandom().randrange(2**31))
+            print(f"--{flag.replace('_', '-')} -1: using the random seed {getattr(a, flag)}")
     t0 = time.perf_counter()
-    with _sigterm_as_exit():
-        generate(
-            out,
-            num_categories=a.num_categories,
-            num_train_images=a.num_train_images,
-            num_val_images=a.num_val_images,
-            image_size=tuple(a.image_size),
-            seed=a.seed,
-            image_seed=a.image_seed,
-            overwrite=a.overwrite,
-            workers=a.workers,
-        )
+    try:
+        with _sigterm_as_exit():
+            generate(
+                out,
+                num_categories=a.num_categories,
+                num_train_images=a.num_train_images,
+                num_val_images=a.num_val_images,
+                image_size=tuple(a.image_size),
+                seed=a.seed,
+                image_seed=a.image_seed,
+                overwrite=a.overwrite,
+                workers=a.workers,
+            )
+    except WorkerError as e:
+        p.exit(1, f"{p.prog}: error: {e}\n")
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
