@@ -63,6 +63,7 @@ from cqdino.data.datasets import generation_disabled
 from cqdino.data.mapper import read_image
 from cqdino.engine import atomic_write, load_weights_strict
 from cqdino.engine.config_check import load_config, validate_config
+from cqdino.utils.cli import options_first
 from cqdino.utils.io import InputError, check_not_inputs, check_output_dir
 
 __all__ = [
@@ -344,7 +345,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, help="config overrides key=value (LazyConfig keys)"
     )
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # options may follow the overrides, as for train_net.py (``... key=value --confidence 0.5``)
+    args = parser.parse_args(options_first(parser, argv, keep_paths=True))
     if not 0.0 <= args.confidence <= 1.0:
         parser.error(f"--confidence must be in [0, 1], got {args.confidence}")
     args.input, args.opts = _split_overrides(args.input, list(args.opts))

@@ -42,6 +42,7 @@ from detectron2.engine import default_argument_parser, default_writers, hooks
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
+from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
 from cqdino.data.build import (
@@ -66,8 +67,21 @@ from cqdino.engine import (
     load_weights_strict,
     unwrap_model,
 )
-from cqdino.engine.config_check import config_num_classes, load_config, validate_config
+from cqdino.engine.checkpoint import (
+    check_vocabulary,
+    read_checkpoint_meta,
+    resume_checkpoint_file,
+    tree_sha256,
+)
+from cqdino.engine.config_check import (
+    config_differences,
+    config_num_classes,
+    load_config,
+    validate_config,
+)
 from cqdino.engine.launch import LAUNCHERS, TIMEOUT_ENV, dist_timeout
+from cqdino.engine.run_lock import RunLock
+from cqdino.utils.cli import options_first
 from cqdino.utils.io import InputError, check_output_dir
 
 logger = logging.getLogger("cqdino.train_net")
@@ -109,11 +123,18 @@ def _check_class_counts(cfg) -> None:
         return
     for split in ("train", "test"):
         key = f"dataloader.{split}.mapper.num_classes"
+        loader = cfg.dataloader.get(split) if "dataloader" in cfg else None
+        mapper = loader.get("mapper") if loader is not None else None
+        if mapper is None or "num_classes" not in mapper:
+            continue  # no such mapper (or one without a class count)
         try:
-            value = cfg.dataloader[split].mapper.num_classes
-        except (KeyError, AttributeError, TypeError, ValueError):
-            continue
-        if isinstance(value, int) and value != num:
+            value = mapper.num_classes
+        except Exception as e:  # e.g. an interpolation naming a key that does not exist
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{key}: cannot be resolved ({first})") from None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(f"{key} must be an integer, got {value!r}")
+        if value != num:
             raise InputError(
                 f"{key}={value} but the model has {num} classes "
                 "(model.class_head.num_categories / num_classes): set both to the same value"
@@ -130,8 +151,30 @@ def _check_class_counts(cfg) -> None:
 _RUN_FILES = ("last_checkpoint", "metrics.json", "model_final.pth")
 
 
+def _has_rows(path: str) -> bool:
+    """``metrics.json`` holds at least one complete record (a run that stopped before its first
+    row leaves an empty file: not a run to protect)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    if isinstance(json.loads(line), dict):
+                        return True
+                except ValueError:
+                    continue
+    except OSError:
+        return False
+    return False
+
+
 def _existing_run(output_dir: str) -> List[str]:
-    found = [f for f in _RUN_FILES if os.path.isfile(os.path.join(output_dir, f))]
+    """The files that make ``output_dir`` hold a run (empty when it holds none)."""
+    found = [
+        f
+        for f in _RUN_FILES
+        if os.path.isfile(os.path.join(output_dir, f))
+        and (f != "metrics.json" or _has_rows(os.path.join(output_dir, f)))
+    ]
     found += sorted(
         os.path.basename(p) for p in glob.glob(os.path.join(output_dir, "model_[0-9]*.pth"))
     )
@@ -223,8 +266,12 @@ def do_train(args, cfg):
         clip_grad_norm_type=clip.get("norm_type", 2.0),
         ema=ema,
     )
-    # the class names travel with the weights (projects/demo.py names detections from them)
+    # the vocabulary travels with the weights (projects/demo.py names detections from the
+    # class names; a later run with another vocabulary is stopped: see preflight)
     extra = {"class_names": class_names} if class_names is not None else {}
+    tree = _vocabulary(cfg)[2]
+    if tree is not None:
+        extra["category_tree_sha256"] = tree
     checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, extra=extra, trainer=trainer)
     writers = []  # filled after resuming (metrics.json is trimmed first)
     trainer.register_hooks(
@@ -243,7 +290,7 @@ def do_train(args, cfg):
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     if comm.is_main_process():
-        if start_iter:
+        if args.resume:  # rows of iterations computed again (all of them without a checkpoint)
             _drop_metrics_from(cfg.train.output_dir, start_iter)
         writers.extend(default_writers(cfg.train.output_dir, cfg.train.max_iter))
     if start_iter >= cfg.train.max_iter:
@@ -254,11 +301,18 @@ def do_train(args, cfg):
     trainer.train(start_iter, cfg.train.max_iter)
 
 
-def do_eval_only(cfg):
+def do_eval_only(cfg, args=None):
     device = _device(cfg)
     model = instantiate(cfg.model)
     if not cfg.train.init_checkpoint:
         logger.warning("--eval-only without train.init_checkpoint: evaluating untrained weights")
+    else:
+        how = (
+            "the run's last checkpoint (--resume)"
+            if args is not None and args.resume
+            else "train.init_checkpoint"
+        )
+        logger.info(f"Evaluating {cfg.train.init_checkpoint} ({how})")
     # strict: every tensor of the model, of the same shape (a checkpoint of another config is
     # an error, not an AP table of a half-initialised model)
     extra = (
@@ -334,67 +388,206 @@ USER_ERRORS = (DatasetNotFoundError, FloatingPointError, InputError, RecordError
 
 def main(args):
     cfg = load_config(args.config_file, args.opts)
+    if args.eval_only:  # chosen once by preflight (a sub-folder of a run's folder, ...)
+        if getattr(args, "eval_output_dir", None):
+            cfg.train.output_dir = args.eval_output_dir
+        if getattr(args, "eval_checkpoint", None) is not None:
+            cfg.train.init_checkpoint = args.eval_checkpoint
     setup(cfg, args)
     try:
         register_config_datasets(cfg)  # in every process
         if args.eval_only:
-            return do_eval_only(cfg)
+            return do_eval_only(cfg, args)
         return do_train(args, cfg)
     except USER_ERRORS as e:
         logger.error(str(e))
         raise SystemExit(1) from None
 
 
+def _check_world_size(cfg, args) -> None:
+    """The training batch splits evenly over the processes (checked before any is started)."""
+    world = max(int(args.num_gpus), 1) * max(int(getattr(args, "num_machines", 1)), 1)
+    world = max(world, comm.get_world_size())  # torchrun / srun: rank 0 checks in the group
+    loader = cfg.dataloader.get("train") if "dataloader" in cfg else None
+    total = loader.get("total_batch_size") if loader is not None else None
+    if isinstance(total, int) and world > 1 and total % world:
+        raise InputError(
+            f"dataloader.train.total_batch_size={total} is not a multiple of the {world} "
+            f"processes (--num-gpus {args.num_gpus} x --num-machines "
+            f"{getattr(args, 'num_machines', 1)}): each process takes an equal share; set it "
+            f"to a multiple of {world}, e.g. {max(world, total - total % world)}"
+        )
+
+
+def _check_resume_config(cfg, out: str) -> None:
+    """``--resume``: the config must be the run's own (its ``config.yaml``), up to the keys of
+    :data:`~cqdino.engine.config_check.RESUME_MAY_DIFFER`; checked before anything is
+    written."""
+    saved = os.path.join(out, "config.yaml")
+    if not os.path.isfile(saved):
+        logger.warning(f"--resume: {out} has no config.yaml to compare the config with")
+        return
+    diffs = config_differences(cfg, saved)
+    if diffs:
+
+        def short(v):
+            text = repr(v)
+            return text if len(text) <= 40 else text[:37] + "..."
+
+        shown = ", ".join(f"{k} ({short(a)} -> {short(b)})" for k, a, b in diffs[:5])
+        more = f" and {len(diffs) - 5} more" if len(diffs) > 5 else ""
+        raise InputError(
+            f"--resume: the config differs from the run's {saved} in {shown}{more}: resume "
+            "with the run's config and overrides, or start a new run (another "
+            "train.output_dir=..., with train.init_checkpoint=... to start from its weights)"
+        )
+
+
+def _vocabulary(cfg):
+    """(dataset name, class names, tree digest) of the vocabulary this config builds its model
+    from: the first training dataset's class names and the tree of ``model.class_head``."""
+    names = cfg.dataloader.train.dataset.names
+    name = names if isinstance(names, str) else list(names)[0]
+    num = config_num_classes(cfg)
+    head = cfg.model.get("class_head") if "model" in cfg else None
+    if num is None and head is not None:
+        node = head.get("num_categories", head.get("num_classes"))
+        num = instantiate(node) if isinstance(node, DictConfig) and "_target_" in node else None
+    class_names = dataset_class_names(name, num) if isinstance(num, int) else None
+    tree = head.get("tree_file") if head is not None else None
+    if isinstance(tree, DictConfig) and "_target_" in tree:
+        tree = instantiate(tree)
+    return name, class_names, tree_sha256(tree) if tree else None
+
+
+def _check_checkpoint_vocabulary(cfg, args, checkpoint: Optional[str], what: str) -> None:
+    meta = read_checkpoint_meta(checkpoint) if checkpoint else {}
+    if not meta.get("class_names") and not meta.get("category_tree_sha256"):
+        return  # nothing to compare (e.g. a pretrained backbone)
+    dataset, names, tree = _vocabulary(cfg)
+    check_vocabulary(
+        meta,
+        names,
+        tree,
+        what=what,
+        dataset=dataset,
+        allow=getattr(args, "allow_other_vocabulary", False),
+    )
+
+
+def _eval_output_dir(out: str) -> str:
+    """``--eval-only``: where the results go. A folder that holds a run (or earlier results)
+    gets a new ``eval/<N>`` inside it, so nothing of the run (``inference/``, ``config.yaml``,
+    ``log.txt``, ``metrics.json``) is replaced; a new or empty folder is used as it is."""
+    marks = ("config.yaml", "log.txt", "inference")
+    if not os.path.isdir(out) or not (
+        _existing_run(out) or any(os.path.exists(os.path.join(out, m)) for m in marks)
+    ):
+        return out
+    os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+    n = 1
+    while True:
+        path = os.path.join(out, "eval", str(n))
+        try:
+            os.mkdir(path)  # atomic: two evaluations started at once get two folders
+            return path
+        except FileExistsError:
+            n += 1
+
+
+# The lock of the run this process prepared (held until the process exits or prepares another).
+_RUN_LOCK: List[RunLock] = []
+
+
+def _hold(lock: RunLock) -> None:
+    while _RUN_LOCK:  # a previous run of this process (a test calling cli() twice) has ended
+        _RUN_LOCK.pop().release()
+    _RUN_LOCK.append(lock)
+    if lock.previous:
+        logger.warning(
+            f"{lock.path}: the run that held it ({lock.previous}) ended without releasing it "
+            "(killed?); this run takes it over"
+        )
+
+
+def _remove_old_run(out: str) -> None:
+    """``--overwrite``: the replaced run's checkpoints, ``last_checkpoint``, ``metrics.json``
+    and TensorBoard events go (the new run's files are not mixed with the old ones); its
+    ``log.txt`` is appended to, other files stay."""
+    names = ["last_checkpoint", "metrics.json"]
+    names += [f for f in os.listdir(out) if re.match(r"^model_(\d+|final)\.pth$", f)]
+    names += [f for f in os.listdir(out) if f.startswith("events.out.tfevents.")]
+    for name in names:
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    logger.warning(f"--overwrite: replacing the run in {out} (removed {len(names)} files)")
+
+
 def preflight(args) -> None:
     """Before starting processes and building anything, each problem one line: the config and
-    its overrides (keys and values), the output folder (writable; not a previous run unless
-    ``--resume`` or ``--overwrite``), the checkpoints named, the datasets (the synthetic
-    vocabulary is generated here, once, rather than by every process) and the class counts."""
+    its overrides (keys and values), the output folder (writable; not in use by another run;
+    not a previous run unless ``--resume`` or ``--overwrite``; on ``--resume`` the run's own
+    config), the batch split over the processes, the checkpoints named and their vocabulary,
+    the datasets (the synthetic vocabulary is generated here, once, rather than by every
+    process) and the class counts. Then the output folder is locked for the run's life
+    (``run.lock``), and ``--eval-only`` into a run's folder gets its own ``eval/<N>``."""
     cfg = load_config(args.config_file, args.opts)
     validate_config(cfg)
     out = cfg.train.output_dir
     check_output_dir(out, "train.output_dir")
-    run = _existing_run(out) if os.path.isdir(out) else []
-    resuming = args.resume and os.path.isfile(os.path.join(out, "last_checkpoint"))
     if args.eval_only and args.overwrite:
         raise InputError("--overwrite is for training; --eval-only writes no checkpoint")
-    replace = bool(run) and not (args.resume or args.eval_only)
-    if replace and not args.overwrite:
-        raise InputError(
-            f"train.output_dir={out} already holds a run ({', '.join(run[:4])}): add "
-            "--resume to continue it, choose another train.output_dir=..., or add "
-            "--overwrite to replace it"
-        )
-    if resuming:
-        check_resumable(out)
-    init = cfg.train.init_checkpoint
-    if init and not resuming and not os.path.isfile(init):
-        raise InputError(f"train.init_checkpoint={init}: no such file")
-    register_config_datasets(cfg)
-    check_datasets(_dataset_names(cfg))
-    check_config_categories(cfg)  # a val json with the training json's categories
-    _check_class_counts(cfg)
-    if replace:  # every check passed: only now is anything of the old run removed
-        for name in ("last_checkpoint", "metrics.json"):  # the new run's, not a mix of two
-            if os.path.isfile(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-        logger.warning(f"--overwrite: replacing the run in {out}")
-
-
-_OVERRIDE = re.compile(r"^\+?[A-Za-z_][\w]*(\.[\w]+)*=")
+    if not args.eval_only:
+        _check_world_size(cfg, args)
+    # a folder in use by a live run is refused first (and locked before anything is removed)
+    lock = RunLock(out).acquire() if os.path.isdir(out) and not args.eval_only else None
+    try:
+        run = _existing_run(out) if os.path.isdir(out) else []
+        last = resume_checkpoint_file(out) if args.resume and os.path.isdir(out) else None
+        resuming = last is not None and not args.eval_only
+        replace = bool(run) and not (args.resume or args.eval_only)
+        if replace and not args.overwrite:
+            raise InputError(
+                f"train.output_dir={out} already holds a run ({', '.join(run[:4])}): add "
+                "--resume to continue it, choose another train.output_dir=..., or add "
+                "--overwrite to replace it"
+            )
+        if last is not None:
+            check_resumable(out)
+        if resuming:
+            _check_resume_config(cfg, out)
+        init = cfg.train.init_checkpoint
+        if init and not last and not os.path.isfile(init):
+            raise InputError(f"train.init_checkpoint={init}: no such file")
+        register_config_datasets(cfg)
+        check_datasets(_dataset_names(cfg))
+        check_config_categories(cfg)  # a val json with the training json's categories
+        _check_class_counts(cfg)
+        if last is not None:
+            what = f"--resume: the checkpoint {last}"
+            _check_checkpoint_vocabulary(cfg, args, last, what)
+        elif init:
+            _check_checkpoint_vocabulary(cfg, args, init, f"train.init_checkpoint={init}")
+        if args.eval_only:
+            # --eval-only --resume evaluates the run's last checkpoint (detectron2's rule)
+            args.eval_checkpoint = last if last is not None else init
+            args.eval_output_dir = _eval_output_dir(out)
+            lock = RunLock(args.eval_output_dir).acquire()
+        elif lock is None:
+            lock = RunLock(out).acquire()  # creates the folder: every check has passed
+        if replace:  # every check passed: only now is anything of the old run removed
+            _remove_old_run(out)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    _hold(lock)
 
 
 def _options_first(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:
-    """``... key=value --resume``: argparse hands everything after the first override to
-    ``opts``; move the overrides behind the options (an option's own value stays with it)."""
-    takes_value = {
-        s for a in parser._actions if a.nargs != 0 and a.option_strings for s in a.option_strings
-    }
-    options, overrides = [], []
-    for i, item in enumerate(argv):
-        after_option = i > 0 and argv[i - 1] in takes_value
-        (overrides if _OVERRIDE.match(item) and not after_option else options).append(item)
-    return options + overrides
+    """``... key=value --resume``: the overrides moved behind the options
+    (:func:`cqdino.utils.cli.options_first`)."""
+    return options_first(parser, argv)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -403,6 +596,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--overwrite",
         action="store_true",
         help="train into a train.output_dir that holds a previous run, replacing it",
+    )
+    parser.add_argument(
+        "--allow-other-vocabulary",
+        action="store_true",
+        help="use a checkpoint trained on other class names or another category tree (a "
+        "warning instead of an error; e.g. to fine-tune on a new vocabulary)",
     )
     parser.add_argument(
         "--launcher",

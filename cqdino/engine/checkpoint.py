@@ -13,13 +13,16 @@ keys that differ. Training's ``init_checkpoint`` may load partially (pretrained 
 summary line says how many tensors were loaded and which were not.
 """
 
+import errno
 import glob
+import hashlib
 import io
+import json
 import logging
 import os
 import pickle
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -34,7 +37,12 @@ __all__ = [
     "PeriodicCheckpointer",
     "atomic_write",
     "check_resumable",
+    "check_vocabulary",
     "load_weights_strict",
+    "newest_checkpoint",
+    "read_checkpoint_meta",
+    "resume_checkpoint_file",
+    "tree_sha256",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,8 +97,28 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        atomic_write(save_file, lambda f: torch.save(data, f))
+        try:
+            atomic_write(save_file, lambda f: torch.save(data, f))
+        except (OSError, RuntimeError) as e:  # torch's zip writer wraps some OSErrors
+            raise _write_error(e, save_file, self.save_dir) from None
         self.tag_last_checkpoint(basename)
+
+    def has_checkpoint(self) -> bool:
+        """``last_checkpoint`` exists, or (a run killed after writing its first checkpoint,
+        before naming it) the folder holds a complete ``model_*.pth``."""
+        return super().has_checkpoint() or newest_checkpoint(self.save_dir) is not None
+
+    def get_checkpoint_file(self) -> str:
+        if super().has_checkpoint():
+            return super().get_checkpoint_file()
+        name = newest_checkpoint(self.save_dir)
+        if name is None:
+            return ""
+        logger.warning(
+            f"{self.save_dir} has no last_checkpoint (a run killed before naming its first "
+            f"checkpoint): resuming from the newest checkpoint, {name}"
+        )
+        return os.path.join(self.save_dir, name)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         path = os.path.join(self.save_dir, "last_checkpoint")
@@ -163,6 +191,40 @@ class AtomicCheckpointer(DetectionCheckpointer):
             except CheckpointError as e:
                 logger.warning(f"{e}; trying the previous checkpoint")
         raise CheckpointError(f"no readable checkpoint in {self.save_dir} to resume from")
+
+
+def _write_error(e: Exception, path: str, save_dir: str) -> CheckpointError:
+    """One line for a checkpoint that could not be written (the previous one is untouched:
+    the file is written to a temporary name and only renamed into place once complete)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full or "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+        return CheckpointError(
+            f"no space left on device in {save_dir}: {os.path.basename(path)} was not written "
+            "(the previous checkpoint and last_checkpoint are unchanged); free some space, then "
+            "continue with --resume"
+        )
+    return CheckpointError(f"cannot write checkpoint {path}: {text}")
+
+
+def newest_checkpoint(save_dir: str) -> Optional[str]:
+    """The basename of the newest ``model_*.pth`` in ``save_dir`` (``model_final.pth`` first,
+    then the highest iteration), None when there is none."""
+    if not save_dir or not os.path.isdir(save_dir):
+        return None
+    found = sorted(f for f in os.listdir(save_dir) if _CKPT_NAME.match(f))
+    return found[-1] if found else None  # "model_final" sorts after "model_<digits>"
+
+
+def resume_checkpoint_file(save_dir: str) -> Optional[str]:
+    """The checkpoint ``--resume`` starts from: the one ``last_checkpoint`` names, else the
+    newest ``model_*.pth``; None when the folder holds neither."""
+    tag = os.path.join(save_dir, "last_checkpoint")
+    if os.path.isfile(tag):
+        with open(tag) as f:
+            return os.path.join(save_dir, f.read().strip())
+    name = newest_checkpoint(save_dir)
+    return os.path.join(save_dir, name) if name else None
 
 
 def check_resumable(save_dir: str) -> None:
@@ -252,3 +314,99 @@ def load_weights_strict(model: torch.nn.Module, path: str) -> Dict[str, Any]:
         )
     model.load_state_dict(state)
     return checkpoint
+
+
+# --------------------------------------------------------------------------- vocabulary
+# A checkpoint of train_net.py carries the vocabulary its model was built from: the class names
+# in model order (``class_names``) and a digest of the category tree (``category_tree_sha256``,
+# when the model has one). Using it with another vocabulary is an error (or a loud warning).
+
+
+def tree_sha256(path: Optional[str]) -> Optional[str]:
+    """A digest of the category tree json ``path`` that ignores formatting and key order
+    (None for no tree). An unreadable file is hashed byte for byte."""
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data = json.dumps(json.loads(data), sort_keys=True, separators=(",", ":")).encode()
+    except ValueError:
+        pass
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_checkpoint_meta(path: str) -> Dict[str, Any]:
+    """The entries of checkpoint ``path`` other than its weights and trainer state (e.g.
+    ``class_names``, ``category_tree_sha256``, ``iteration``), read without loading the
+    tensors when the file allows (memory-mapped); {} for a file that cannot be read this way
+    (the strict loader reports it later in one line)."""
+    if not os.path.isfile(path) or path.endswith(".pkl"):
+        return {}
+    for mmap in (True, False):
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception:
+            continue
+    else:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if k not in ("model", "trainer")}
+
+
+def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
+    if len(a) != len(b):
+        return f"{len(a)} classes in the checkpoint, {len(b)} in the dataset"
+    if sorted(a) == sorted(b):
+        return f"the same {len(a)} names in another order"
+    diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    i = diff[0]
+    return (
+        f"{len(diff)} of {len(a)} names differ (class {i}: {a[i]!r} in the checkpoint, "
+        f"{b[i]!r} in the dataset)"
+    )
+
+
+def check_vocabulary(
+    meta: Dict[str, Any],
+    class_names: Optional[Sequence[str]],
+    tree: Optional[str],
+    *,
+    what: str,
+    dataset: str,
+    allow: bool = False,
+) -> List[str]:
+    """Compare the vocabulary a checkpoint was trained on (``meta`` of
+    :func:`read_checkpoint_meta`) with the one of this run (``class_names`` and the tree
+    digest ``tree`` of dataset ``dataset``). What cannot be compared (a checkpoint without
+    names, e.g. a pretrained backbone) passes. Returns the differences (empty when none).
+
+    Raises:
+        CheckpointError naming ``what`` (e.g. ``"train.init_checkpoint=x.pth"``) and the first
+        difference, unless ``allow`` (then each difference is logged as a warning).
+    """
+    problems = []
+    saved = meta.get("class_names")
+    if saved is not None and class_names is not None and list(saved) != list(class_names):
+        problems.append(_first_difference(list(saved), list(class_names)))
+    saved_tree = meta.get("category_tree_sha256")
+    if saved_tree is not None and tree is not None and saved_tree != tree:
+        problems.append(
+            f"its category tree differs from the dataset's (sha256 {saved_tree[:12]} vs "
+            f"{tree[:12]})"
+        )
+    if not problems:
+        return []
+    message = (
+        f"{what} was trained on another vocabulary than dataset {dataset!r}: "
+        f"{'; '.join(problems)}"
+    )
+    if not allow:
+        raise CheckpointError(
+            message + ". Use the dataset it was trained on, or add --allow-other-vocabulary "
+            "(e.g. to fine-tune on a new vocabulary)"
+        )
+    logger.warning("!" * 20 + f" {message} (--allow-other-vocabulary) " + "!" * 20)
+    return problems

@@ -10,21 +10,35 @@ value is one line instead of a traceback after minutes of set-up.
 """
 
 import difflib
+import fnmatch
 import inspect
 import math
 import os
-from typing import Any, List, Optional, Sequence
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from detectron2.config import LazyConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cqdino.utils.io import InputError
 
-__all__ = ["load_config", "apply_overrides", "validate_config", "config_num_classes"]
+__all__ = [
+    "load_config",
+    "apply_overrides",
+    "validate_config",
+    "config_num_classes",
+    "config_differences",
+    "RESUME_MAY_DIFFER",
+]
 
 
-def _target(node) -> Optional[Any]:
-    """The callable of a ``LazyCall`` node (None for a plain dict or an unknown target)."""
+def _target(node, path: str = "") -> Optional[Any]:
+    """The callable of a ``LazyCall`` node (None for a plain dict).
+
+    Raises:
+        InputError naming ``path._target_`` when the target cannot be located (a misspelt or
+        removed class, or a module that fails to import).
+    """
     if not isinstance(node, DictConfig) or "_target_" not in node:
         return None
     target = node._target_
@@ -33,21 +47,59 @@ def _target(node) -> Optional[Any]:
 
         try:
             target = locate(target)
-        except Exception:
-            return None
+        except Exception as e:
+            # detectron2's message: "Error loading 'x':", the cause, a hint
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+            cause = (
+                lines[1] if len(lines) > 1 and lines[0].startswith("Error loading") else lines[0]
+            )
+            key = f"{path}._target_" if path else "_target_"
+            raise InputError(f"{key}: cannot locate {target!r} ({cause})") from None
     return target
 
 
-def _parameters(target) -> Optional[List[str]]:
-    """Keyword arguments ``target`` accepts; None when it takes ``**kwargs`` or has no
-    signature (anything goes)."""
+def _named(fn, skip_self: bool) -> Optional[tuple]:
+    """(names of the keyword arguments of ``fn``, whether it also takes ``**kwargs``); None
+    without a signature."""
     try:
-        params = inspect.signature(target).parameters.values()
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+    if skip_self and params and params[0].kind is not inspect.Parameter.VAR_KEYWORD:
+        params = params[1:]
+    names = [
+        p.name
+        for p in params
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _parameters(target) -> Optional[List[str]]:
+    """Keyword arguments ``target`` accepts; None when that cannot be known (a function that
+    takes ``**kwargs``, no signature: anything goes).
+
+    A class whose ``__init__`` takes ``**kwargs`` forwards them to its parent's ``__init__``
+    (``super().__init__(**kw)``, e.g. ``CQDINO`` to ``DINO``): its arguments are its own and
+    those of the parents up to the first ``__init__`` without ``**kwargs``."""
+    found = _named(target, skip_self=False)
+    if found is None or not found[1]:
+        return None if found is None else found[0]
+    if not inspect.isclass(target):
         return None
-    return [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    names: List[str] = []
+    for klass in target.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if klass is object:
+            return None  # **kwargs that reach object.__init__: unknown forwarding
+        found = _named(vars(klass)["__init__"], skip_self=True)
+        if found is None:
+            return None
+        names += [n for n in found[0] if n not in names]
+        if not found[1]:
+            return names
+    return None
 
 
 def _unknown(key: str, prefix: str, candidates: Sequence[str], what: str) -> InputError:
@@ -72,7 +124,7 @@ def _check_key(cfg: DictConfig, key: str) -> None:
             child = node._get_node(part)
             node = child if isinstance(child, (DictConfig, ListConfig)) else None
             continue
-        target = _target(node)
+        target = _target(node, prefix[:-1])
         params = _parameters(target) if target is not None else []
         if i == len(parts) - 1 and target is not None and (params is None or part in params):
             return  # an argument of the node's callable that the config leaves at its default
@@ -122,7 +174,7 @@ def _is_int(v) -> bool:
 def _check_calls(node, path: str) -> None:
     """Every argument of every ``LazyCall`` node is one its callable takes."""
     if isinstance(node, DictConfig):
-        target = _target(node)
+        target = _target(node, path)
         params = _parameters(target) if target is not None else None
         for k in node.keys():
             if k == "_target_":
@@ -178,12 +230,35 @@ def validate_config(cfg: DictConfig) -> None:
         ("train.init_checkpoint", lambda v: v is None or isinstance(v, str), "a file path or ''"),
         ("train.seed", lambda v: v is None or _is_int(v), "an integer (-1: random)"),
     ]
+    positive = (lambda v: _is_int(v) and v >= 1, "a positive integer")
+    non_negative = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    optional_positive = (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer")
+    # model sizes (a zero or negative one fails deep inside the model, or trains nothing)
+    for key, (ok, what) in (
+        ("model.class_head.num_categories", positive),
+        ("model.class_head.num_classes", positive),
+        ("model.class_head.topk", positive),
+        ("model.class_head.test_topk", optional_positive),
+        ("model.class_head.query_dim", positive),
+        ("model.class_head.selector_num_layers", positive),
+        ("model.class_head.selector_num_heads", positive),
+        ("model.transformer.num_queries", positive),
+        ("model.transformer.embed_dim", positive),
+        ("model.transformer.num_levels", positive),
+        ("model.transformer.encoder.num_layers", non_negative),
+        ("model.transformer.decoder.num_layers", positive),
+        ("model.dn_number", non_negative),
+        ("model.select_box_nums_for_evaluation", positive),
+    ):
+        checks.append((key, ok, what))
     for key, ok, what in checks:
         parent, _, leaf = key.rpartition(".")
         node = _select(cfg, parent)
         if not isinstance(node, DictConfig) or leaf not in node:
             continue  # a config without this part (no test loader, no checkpointer, ...)
         value = _select(cfg, key)
+        if isinstance(value, DictConfig) and "_target_" in value:
+            continue  # computed when the model is built (e.g. the class count of a json)
         if not ok(value):
             raise InputError(f"{key} must be {what}, got {value!r}")
     if _select(cfg, "train.ema.enabled"):
@@ -200,3 +275,66 @@ def config_num_classes(cfg: DictConfig) -> Optional[int]:
         if _is_int(value):
             return value
     return None
+
+
+# Keys a resumed run may change: where things are written and how often, the device and the
+# loader's worker count; nothing that changes what is computed. ``train.max_iter`` is not among
+# them: the LR schedule is a function of it, so a longer resumed run would not be the run it
+# continues (start a new run from the checkpoint with train.init_checkpoint instead).
+RESUME_MAY_DIFFER = (
+    "train.output_dir",
+    "train.init_checkpoint",  # not read on --resume
+    "train.device",
+    "train.eval_period",
+    "train.log_period",
+    "train.checkpointer.period",
+    "train.checkpointer.max_to_keep",
+    "dataloader.*.num_workers",
+)
+
+
+def _flatten(node: Any, prefix: str, out: Dict[str, Any]) -> Dict[str, Any]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(node, list) and any(isinstance(v, (dict, list)) for v in node):
+        for i, v in enumerate(node):
+            _flatten(v, f"{prefix}.{i}", out)
+    else:
+        out[prefix] = node
+    return out
+
+
+def _saved_form(cfg: DictConfig) -> Dict[str, Any]:
+    """``cfg`` as ``config.yaml`` holds it (saved and read back), flattened to dotted keys."""
+    from detectron2.config import LazyConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        LazyConfig.save(cfg, path)
+        return _flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=False), "", {})
+
+
+def config_differences(
+    cfg: DictConfig, saved_path: str, allowed: Sequence[str] = RESUME_MAY_DIFFER
+) -> List[Tuple[str, Any, Any]]:
+    """The keys whose value differs between ``cfg`` and the ``config.yaml`` at ``saved_path``
+    (a run's saved config), as (key, saved value, value of ``cfg``), sorted by key; a key
+    absent on one side has the value ``"<absent>"``. Keys matching a pattern of ``allowed``
+    are left out, and so is ``train.seed`` when ``cfg`` asks for a random one (-1 or None: the
+    resumed run keeps the seed its config.yaml recorded)."""
+    try:
+        saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False), "", {})
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{saved_path}: cannot be read ({first})") from None
+    new = _saved_form(cfg)
+    diffs = []
+    for key in sorted(set(saved) | set(new)):
+        a, b = saved.get(key, "<absent>"), new.get(key, "<absent>")
+        if a == b or any(fnmatch.fnmatchcase(key, pat) for pat in allowed):
+            continue
+        if key == "train.seed" and (b is None or (_is_int(b) and b < 0)):
+            continue
+        diffs.append((key, a, b))
+    return diffs

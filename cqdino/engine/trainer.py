@@ -21,6 +21,8 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cqdino.utils.io import InputError
+
 __all__ = ["ModelEMA", "Trainer", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,12 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _quiet_user_errors(record: logging.LogRecord) -> bool:
+    """Logging filter: drop detectron2's "Exception during training" traceback of a user error."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, (FloatingPointError, InputError))
+
+
 class Trainer(TrainerBase):
     """``model(batch) -> dict of losses``, summed, back-propagated, clipped, stepped.
 
@@ -143,6 +151,18 @@ class Trainer(TrainerBase):
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_norm_type = clip_grad_norm_type
         self.ema = ema
+
+    def train(self, start_iter: int, max_iter: int) -> None:
+        """``TrainerBase.train``, except that an error whose message is the whole story (a
+        non-finite loss, a checkpoint that cannot be written: ``FloatingPointError``,
+        :class:`~cqdino.utils.io.InputError`) is not logged with a traceback on its way out;
+        the entry point reports it in one line."""
+        log = logging.getLogger("detectron2.engine.train_loop")
+        log.addFilter(_quiet_user_errors)
+        try:
+            super().train(start_iter, max_iter)
+        finally:
+            log.removeFilter(_quiet_user_errors)
 
     def run_step(self) -> None:
         if self._data_iter is None:

@@ -6,6 +6,7 @@ MODE:
   kill_before_tag     SIGKILL after that checkpoint is renamed into place, before
                       ``last_checkpoint`` names it
   kill_after_save     SIGKILL once the checkpoint of ITER and ``last_checkpoint`` are written
+  disk_full           writing the checkpoint of iteration ITER fails with ENOSPC
   nan_loss            from iteration ITER on, ``loss_giou`` of the first decoder layer is NaN
   none                no fault
 """
@@ -58,6 +59,15 @@ def main():
                 _kill()
 
         checkpoint.AtomicCheckpointer.tag_last_checkpoint = tag
+    elif mode == "disk_full":
+        import errno
+
+        def save(obj, f, *a, **k):
+            if isinstance(obj, dict) and "trainer" in obj and obj.get("iteration") == it:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_save(obj, f, *a, **k)
+
+        torch.save = save
     elif mode == "nan_loss":
         from detectron2.utils.events import get_event_storage
 

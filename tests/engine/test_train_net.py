@@ -219,9 +219,9 @@ def test_eval_only_prints_the_ap_table(reference_run, tiny_datasets, tmp_path):
     assert "Evaluation results" in text
     for key in ("AP", "AP50", "APr", "APc", "APf"):
         assert f"| {key}" in text or f" {key} " in text, key
-    # evaluating into a run's folder keeps the run's config.yaml
+    # evaluating into a run's folder keeps the run's config.yaml: the evaluation has its own
     assert (tmp_path / "config.yaml").read_text() == "the training run's config\n"
-    assert (tmp_path / "config_eval.yaml").is_file()
+    assert (tmp_path / "eval" / "1" / "config.yaml").is_file()
 
 
 def test_missing_dataset_is_one_clear_message(tmp_path):
