@@ -29,6 +29,11 @@ recipe, each measured at the demo budget (docs/evidence.md, "The demo recipe"):
 * at inference every category is a column (``test_topk = C``): from scratch at this budget the
   selector's top-100 misses most GT categories;
 * NHWC convolutions and fused AdamW (speed only).
+
+The levers that need the synthetic names (compositional queries, query skip, word head, word
+loss and scores, class-agnostic evaluation) are switched together by :func:`name_words`; a
+config derived from this one for other data turns them off in one line
+(``name_words(model, dataloader, False)``; ``custom_coco_small.py`` does).
 """
 
 from detectron2.config import LazyCall as L
@@ -44,6 +49,55 @@ from .common.optim_cqdino import AdamW as optimizer
 from .common.train import lr_multiplier, train
 
 EMBED = 128
+
+
+def name_words(model, dataloader, on: bool = True) -> None:
+    """The demo's name-word levers, switched together: on in this demo, off in a config derived
+    from it for a dataset whose category names share no words (``name_words(model, dataloader,
+    False)``, as ``custom_coco_small.py`` does). Each needs from the dataset:
+
+    * ``class_head.compositional_queries`` with ``class_head.category_names``: the training
+      dataset's class names (``thing_classes``, or the categories of its COCO json), many of
+      them built from words shared across categories ("red dotted star"): each category's query
+      is the mean of learnable vectors of its name's words (the offline stand-in for text
+      embeddings), so names that share no word gain nothing over a free query per category;
+    * ``class_head.selector_query_skip``: nothing; it adds each category's projected query to
+      the selector's tokens, which compositional queries need (shared word vectors made the
+      tokens nearly parallel: docs/evidence.md, "The demo recipe");
+    * ``model.word_head`` (:class:`~cqdino.modeling.NameWordHead`) and
+      ``criterion.loss_word_weight`` 0.5: the same names; every matched query also predicts
+      the words of its GT's name, which teaches more than the class label only when a word is
+      shared by many categories;
+    * ``model.word_score_weight`` 1.0: the word head (its log-posterior over the columns is
+      added to the logits at inference);
+    * ``dataloader.evaluator.class_agnostic``: the V3Det-style evaluator (a dataset with
+      ``evaluator_type="v3det"``); detectron2's ``COCOEvaluator`` has no class-agnostic AP.
+
+    Off: free category queries (``init_embeddings`` or random), no word head or word loss, no
+    word scores, per-category AP only. Set in place, at load time: a config derived from this
+    one calls it after importing ``model`` and ``dataloader``."""
+    head = model.class_head
+    if on:
+        head.init_embeddings = None
+        head.compositional_queries = True
+        head.category_names = L(dataset_class_names)(
+            dataset_name="${dataloader.train.dataset.names}",
+            num_classes="${..num_categories}",
+            required=True,
+        )
+        head.selector_query_skip = True
+        model.word_head = L(NameWordHead)(
+            category_names="${..class_head.category_names}", embed_dim="${..transformer.embed_dim}"
+        )
+    else:
+        head.compositional_queries = False
+        head.category_names = None
+        head.selector_query_skip = False
+        model.word_head = None
+    model.criterion.loss_word_weight = 0.5 if on else 0.0
+    model.word_score_weight = 1.0 if on else 0.0
+    dataloader.evaluator.class_agnostic = on
+
 
 # R18 at quarter width; the transformer reads res4, res5 and one extra level (strides 16-64)
 model.backbone.depth = 18
@@ -78,23 +132,10 @@ model.class_head.selector_num_layers = 1
 model.class_head.force_gt = True  # training: GT categories always among the K (an option)
 model.class_head.relation = "tree"
 model.class_head.tree_file = L(category_tree_file)(dataset_name="${dataloader.train.dataset.names}")
-# compositional category queries from the names' words (learnable bag of words)
-model.class_head.init_embeddings = None
-model.class_head.compositional_queries = True
-model.class_head.category_names = L(dataset_class_names)(
-    dataset_name="${dataloader.train.dataset.names}", num_classes="${..num_categories}"
-)
-model.class_head.selector_query_skip = True
+name_words(model, dataloader, True)  # the name-word levers (name_words' docstring)
 model.class_head.test_topk = "${.num_categories}"  # every category at inference (docstring)
 model.backbone.channels_last = True
 model.criterion.loss_class_weight = 5.0
-# the name-word loss and word scoring at inference (docstring)
-model.word_head = L(NameWordHead)(
-    category_names="${..class_head.category_names}", embed_dim="${..transformer.embed_dim}"
-)
-model.criterion.loss_word_weight = 0.5
-model.word_score_weight = 1.0
-dataloader.evaluator.class_agnostic = True
 
 optimizer.lr = 1.2e-3
 optimizer.fused = True

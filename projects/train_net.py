@@ -81,6 +81,7 @@ from cqdino.engine.config_check import (
 )
 from cqdino.engine.launch import LAUNCHERS, TIMEOUT_ENV, dist_timeout
 from cqdino.engine.run_lock import RunLock
+from cqdino.evaluation.build import check_evaluator_config
 from cqdino.utils.cli import options_first
 from cqdino.utils.io import InputError, check_output_dir
 
@@ -563,6 +564,7 @@ def preflight(args) -> None:
         check_datasets(_dataset_names(cfg))
         check_config_categories(cfg)  # a val json with the training json's categories
         _check_class_counts(cfg)
+        check_evaluator_config(cfg)  # the evaluator's arguments fit the test dataset's type
         if last is not None:
             what = f"--resume: the checkpoint {last}"
             _check_checkpoint_vocabulary(cfg, args, last, what)

@@ -20,8 +20,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 LEAVES = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))
 # configs whose data paths are command-line overrides (the user's own data): no fixed dataset
-# or schedule to hold them to; tests/engine/test_custom_dataset.py trains them
-OWN_DATA = {"custom_coco"}
+# or schedule to hold them to; tests/engine/test_custom_dataset.py and test_custom_small.py
+# train them
+OWN_DATA = {"custom_coco", "custom_coco_small"}
 RECIPE_LEAVES = [n for n in LEAVES if n not in OWN_DATA]
 
 

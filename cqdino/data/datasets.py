@@ -21,6 +21,7 @@ directly (no COCO API index, no per-annotation copies beyond the dicts detectron
 import json
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -43,6 +44,7 @@ __all__ = [
     "register_coco_json",
     "coco_json_dataset",
     "coco_json_num_categories",
+    "json_category_names",
     "category_tree_file",
     "generation_disabled",
     "V3DET_SPLITS",
@@ -486,6 +488,130 @@ def _read_categories(json_file: str) -> List[dict]:
         raise FileNotFoundError(f"annotation file {json_file}: no such file")
     cats = _load_json(json_file)["categories"]
     return sorted(cats, key=lambda c: c["id"])
+
+
+# a JSON string (skipped whole), an opening or a closing bracket
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|([\[{])|([\]}])', re.S)
+_JSON_WS = re.compile(r"\s*")
+_JSON_SCALAR = re.compile(r"[^,}\]\s]*")
+_JSON_END = re.compile(r"\s*}\s*\Z")
+_CATEGORY_NAMES_CACHE: Dict[tuple, List[str]] = {}
+
+
+def _skip_json_value(text: str, i: int) -> int:
+    """The index just past the JSON value that starts at ``text[i]`` (nothing is decoded)."""
+    if text[i] == '"':
+        m = _JSON_TOKEN.match(text, i)
+        if m is None:
+            raise ValueError(f"unterminated string at character {i}")
+        return m.end()
+    if text[i] not in "[{":
+        return _JSON_SCALAR.match(text, i).end()
+    depth = 0
+    for m in _JSON_TOKEN.finditer(text, i):
+        if m.lastindex == 1:
+            depth += 1
+        elif m.lastindex == 2:
+            depth -= 1
+            if depth == 0:
+                return m.end()
+    raise ValueError(f"the value at character {i} does not end")
+
+
+def _last_member(text: str, wanted: str):
+    """``(True, value)`` when ``wanted`` is the last key of the top-level JSON object ``text``
+    (COCO's own files end with their categories), found from the end without reading the rest;
+    ``(False, None)`` otherwise."""
+    p = text.rfind(f'"{wanted}"')
+    if p < 0:
+        return False, None
+    j = p
+    while j > 0 and text[j - 1] == "\\":
+        j -= 1
+    if (p - j) % 2:  # an escaped quote inside a string
+        return False, None
+    # an unescaped quote followed by a name and ':' opens a key; a key whose value is followed
+    # by the closing brace at the end of the text is a member of the top-level object
+    i = _JSON_WS.match(text, p + len(wanted) + 2).end()
+    if text[i : i + 1] != ":":
+        return False, None
+    try:
+        value, end = json.JSONDecoder().raw_decode(text, _JSON_WS.match(text, i + 1).end())
+    except ValueError:
+        return False, None
+    return (True, value) if _JSON_END.match(text, end) else (False, None)
+
+
+def _top_level_value(text: str, wanted: str):
+    """The value of the top-level key ``wanted`` of the JSON object ``text``, decoding that
+    value only (the others, e.g. a COCO json's annotations, are skipped over)."""
+    found, value = _last_member(text, wanted)
+    if found:
+        return value
+    ws = _JSON_WS.match
+    i = ws(text, 0).end()
+    if text[i : i + 1] != "{":
+        raise ValueError("not a JSON object")
+    i = ws(text, i + 1).end()
+    while text[i : i + 1] != "}":
+        if text[i : i + 1] != '"':
+            raise ValueError(f"expected a key at character {i}")
+        key, i = json.decoder.scanstring(text, i + 1)
+        i = ws(text, i).end()
+        if text[i : i + 1] != ":":
+            raise ValueError(f"expected ':' at character {i}")
+        i = ws(text, i + 1).end()
+        if key == wanted:
+            return json.JSONDecoder().raw_decode(text, i)[0]
+        i = _skip_json_value(text, i)
+        i = ws(text, i).end()
+        if text[i : i + 1] == ",":
+            i = ws(text, i + 1).end()
+        elif text[i : i + 1] != "}":
+            raise ValueError(f"expected ',' or '}}' at character {i}")
+    raise KeyError(wanted)
+
+
+def json_category_names(json_file: str) -> List[str]:
+    """The category names of a COCO-format json in contiguous-id order (sorted category ids,
+    as detectron2's ``load_coco_json`` and :func:`load_detection_json` number them), read from
+    its ``categories`` without decoding the images and annotations; cached per (path, mtime,
+    size). For datasets registered lazily (detectron2's ``register_coco_instances``), whose
+    ``thing_classes`` exist only once the json is loaded.
+
+    Raises:
+        ValueError naming the file when it cannot be read or its categories are not a list of
+        ``{"id": int, "name": str}`` with distinct ids.
+    """
+    try:
+        st = os.stat(json_file)
+        key = (os.path.abspath(json_file), st.st_mtime_ns, st.st_size)
+        if key in _CATEGORY_NAMES_CACHE:
+            return list(_CATEGORY_NAMES_CACHE[key])
+        with open(json_file, encoding="utf-8") as f:
+            text = f.read()
+        cats = _top_level_value(text, "categories")
+    except KeyError:
+        raise ValueError(f"{json_file}: not a COCO detection json (no 'categories')") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read annotation file {json_file}: {e}") from None
+    ok = isinstance(cats, list) and all(
+        isinstance(c, dict)
+        and isinstance(c.get("id"), int)
+        and not isinstance(c.get("id"), bool)
+        and isinstance(c.get("name"), str)
+        for c in cats
+    )
+    if not ok:
+        raise ValueError(
+            f'{json_file}: \'categories\' must be a list of {{"id": int, "name": str}}'
+        )
+    ids = [c["id"] for c in cats]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{json_file}: duplicate category ids")
+    names = [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
+    _CATEGORY_NAMES_CACHE[key] = names
+    return list(names)
 
 
 def register_coco_json(name: str, json_file: str, image_root: str) -> str:
