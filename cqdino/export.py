@@ -353,13 +353,24 @@ def load_program(path: str) -> torch.export.ExportedProgram:
     return torch.export.load(path)
 
 
-def aoti_package(program: torch.export.ExportedProgram, path: str, overwrite: bool = False) -> None:
+def aoti_package(
+    program: torch.export.ExportedProgram,
+    path: str,
+    overwrite: bool = False,
+    info: Optional[Dict] = None,
+) -> None:
     """Compile ``program`` ahead of time with AOTInductor into a ``.pt2`` package (load with
     ``torch._inductor.aoti_load_package`` after importing ``cqdino._C``; the custom ops run
-    through the proxy executor)."""
+    through the proxy executor). ``info`` goes into the package's metadata (key ``cqdino``,
+    ``aoti_load_package(path).get_metadata()``)."""
     from torch._inductor import aoti_compile_and_package
 
-    _save(path, lambda tmp: aoti_compile_and_package(program, package_path=tmp), overwrite)
+    configs = {"aot_inductor.metadata": {"cqdino": json.dumps(info)}} if info else None
+
+    def save(tmp: str) -> None:
+        aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
+
+    _save(path, save, overwrite)
 
 
 def export_onnx(
@@ -368,16 +379,18 @@ def export_onnx(
     info: Optional[Dict] = None,
     overwrite: bool = False,
     opset: Optional[int] = None,
+    msda_form: str = "grid",
 ) -> None:
     """Write ``program`` as an ONNX model (standard operators only, opset
     :data:`cqdino.layers.onnx_translations.OPSET`) to ``path``, atomically. ``info`` goes into
-    the model's ``metadata_props`` (key ``cqdino``)."""
-    from cqdino.layers.onnx_translations import CUSTOM_TRANSLATION_TABLE, OPSET
+    the model's ``metadata_props`` (key ``cqdino``). ``msda_form``: the deformable attention's
+    ONNX form (:func:`cqdino.layers.onnx_translations.translation_table`)."""
+    from cqdino.layers.onnx_translations import OPSET, translation_table
 
     onnx_program = torch.onnx.export(
         program,
         dynamo=True,
-        custom_translation_table=CUSTOM_TRANSLATION_TABLE,
+        custom_translation_table=translation_table(msda_form),
         opset_version=opset or OPSET,
         input_names=list(INPUT_NAMES),
         output_names=list(OUTPUT_NAMES),

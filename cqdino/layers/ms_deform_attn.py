@@ -35,6 +35,7 @@ from cqdino import _ext
 __all__ = [
     "ms_deform_attn",
     "ms_deform_attn_reference",
+    "ms_deform_attn_gather",
     "check_finite_locations",
     "MultiScaleDeformableAttention",
 ]
@@ -91,6 +92,67 @@ def ms_deform_attn_reference(
     attn = attention_weights.to(value.dtype).transpose(1, 2).reshape(B * H, 1, Q, L * P)
     out = (torch.stack(samples, dim=-2).flatten(-2) * attn).sum(-1)  # (B*H, Dh, Q)
     return out.view(B, H * Dh, Q).transpose(1, 2).contiguous()
+
+
+def ms_deform_attn_gather(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention as row gathers: the form the ONNX translation writes
+    (:func:`cqdino.layers.onnx_translations.ms_deform_attn_onnx`, step for step), here in
+    PyTorch so that it can be checked in float64 against :func:`ms_deform_attn_reference`.
+
+    Per level, the value map is zero-padded (1 pixel before, 2 after each side) and laid out
+    as a table whose row ``(b, y, x, head)`` holds the 4 bilinear neighbours ``(y, x)``,
+    ``(y, x+1)``, ``(y+1, x)``, ``(y+1, x+1)`` (``4 * Dh`` floats: 4x the level's value).
+    Each sampling point is then one row ``Gather`` (its top-left neighbour's row; points
+    clamped to ``[-1, W]`` x ``[-1, H]`` land in the zero padding when off the map, so no
+    bounds masks), weighted by bilinear weight x attention weight and summed over the 4
+    neighbours into the ``[B, Q, H, Dh]`` output, one point at a time: the largest temporary
+    is one point's ``[B, Q, H, 4 * Dh]`` (the reference and ``GridSample`` hold
+    ``[B * H, Dh, Q, L * P]``, 4x more). Non-finite locations contribute zero, as in the op.
+    Forward only (not meant for training).
+    """
+    B, S, H, Dh = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    dtype = value.dtype
+    loc = sampling_locations.to(dtype).clamp(-1.0, 2.0)  # keeps the index arithmetic finite
+    finite = torch.isfinite(sampling_locations).all(-1)  # (B, Q, H, L, P)
+    attn = attention_weights.to(dtype)
+    batch = torch.arange(B, device=value.device)[:, None, None, None]
+    head = torch.arange(H, device=value.device)[None, None, :, None]
+    minus1 = torch.full((), -1.0, dtype=dtype, device=value.device)
+    out = value.new_zeros(B, Q, H, Dh)
+    for lvl in range(L):
+        h_l, w_l = (int(v) for v in spatial_shapes[lvl])
+        start = int(level_start_index[lvl])
+        v = value[:, start : start + h_l * w_l].reshape(B, h_l, w_l, H * Dh)
+        v = F.pad(v, (0, 0, 1, 2, 1, 2))  # (B, h + 3, w + 3, H * Dh), zeros around
+        quad = torch.stack([v[:, :-1, :-1], v[:, :-1, 1:], v[:, 1:, :-1], v[:, 1:, 1:]], 3)
+        cells = (h_l + 2) * (w_l + 2)
+        # (B, h + 2, w + 2, 4, H * Dh) -> rows (b, y, x, head) of 4 * Dh
+        table = quad.reshape(B, cells, 4, H, Dh).transpose(2, 3).reshape(B * cells * H, 4 * Dh)
+        # pixel coordinates (align_corners=False), off-map points clamped into the padding
+        x = loc[:, :, :, lvl, :, 0] * w_l - 0.5  # (B, Q, H, P)
+        y = loc[:, :, :, lvl, :, 1] * h_l - 0.5
+        ok = finite[:, :, :, lvl]
+        x = torch.where(ok, x.clamp(-1.0, float(w_l)), minus1)
+        y = torch.where(ok, y.clamp(-1.0, float(h_l)), minus1)
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        a = attn[:, :, :, lvl]  # (B, Q, H, P)
+        # (B, Q, H, P, 4): the neighbours' bilinear weights x the attention weight
+        weights = torch.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], -1)
+        weights = weights * a[..., None]
+        cell = (y0 + 1).to(torch.int64) * (w_l + 2) + (x0 + 1).to(torch.int64)
+        rows = (batch * cells + cell) * H + head  # (B, Q, H, P)
+        for p in range(P):
+            sampled = table[rows[..., p]].view(B, Q, H, 4, Dh)
+            out = out + (sampled * weights[..., p, :, None]).sum(3)
+    return out.reshape(B, Q, H * Dh)
 
 
 def ms_deform_attn(
