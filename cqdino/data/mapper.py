@@ -11,6 +11,10 @@ skipped (the mapper returns None, so detectron2's ``MapDataset`` draws another i
 counted in :attr:`DetrDatasetMapper.num_skipped`. Boxes that become degenerate through
 augmentation (cropped away) are dropped.
 
+An image at least twice as large as the resizes need is read reduced (JPEG: decoded at 1/2, 1/4
+or 1/8; others: shrunk by an integer factor after decoding), so a 10000 x 10000 photo costs tens
+of MB instead of gigabytes; boxes stay in the record's full-size frame.
+
 The output image is BGR by default (detectron2's convention: its ``pixel_mean`` defaults are the
 BGR ImageNet mean); ``num_classes`` is required, so category ids are always checked.
 """
@@ -18,7 +22,7 @@ BGR ImageNet mean); ``num_classes`` is required, so category ids are always chec
 import copy
 import logging
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +35,7 @@ __all__ = [
     "RecordError",
     "build_detr_augmentation",
     "read_image",
+    "read_image_for_resize",
     "IMAGE_FORMATS",
 ]
 
@@ -54,9 +59,49 @@ def read_image(file_name: str, format: str = "BGR") -> np.ndarray:
     16-bit grey images (PNG/TIFF) scaled to 8 bit instead of clipped. 16-bit colour images
     Pillow reads at 8 bit already; images it cannot scale (32-bit integer or float pixels)
     raise ``ValueError`` naming the mode."""
+    return read_image_for_resize(file_name, format)[0]
+
+
+# An image sent to ``ResizeShortestEdge(short, long)`` is resized by min(short / its short
+# side, long / its long side); (short, long) pairs describe what a mapper's resizes need.
+Fit = Sequence[Tuple[float, float]]
+
+
+def _reduction(height: int, width: int, fit: Optional[Fit]) -> int:
+    """The largest integer factor an image may be shrunk by before resizes to ``fit`` without
+    any of them having to enlarge it (1: none)."""
+    if not fit:
+        return 1
+    short, long = min(height, width), max(height, width)
+    return max(1, int(min(max(short / s, long / lg) for s, lg in fit)))
+
+
+def read_image_for_resize(
+    file_name: str, format: str = "BGR", fit: Optional[Fit] = None
+) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """:func:`read_image`, read at a reduced size when the image is at least twice as large
+    as the resizes in ``fit`` need (a 10000 x 10000 photo for an 800 x 1333 input): JPEG files
+    are decoded at 1/2, 1/4 or 1/8 of their size (the full image is never held), others are
+    shrunk by an integer factor right after decoding (``Image.reduce``).
+
+    Returns:
+        the image and ``(height, width)`` of the full image after EXIF orientation (the frame
+        the annotations are in).
+    """
     from PIL import Image
 
     with Image.open(file_name) as image:
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(0x0112)  # EXIF orientation
+        except Exception:  # as detectron2: broken EXIF is ignored
+            orientation = None
+        if orientation in (5, 6, 7, 8):  # transposed
+            width, height = height, width
+        factor = _reduction(height, width, fit)
+        if factor > 1 and image.format == "JPEG":
+            w, h = image.size
+            image.draft(image.mode, (-(-w // factor), -(-h // factor)))
         image = utils._apply_exif_orientation(image)
         if image.mode in _16BIT_MODES:
             pixels = np.asarray(image).astype(np.int64)
@@ -68,7 +113,12 @@ def read_image(file_name: str, format: str = "BGR") -> np.ndarray:
             image = Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), "L")
         elif image.mode == "F":
             raise ValueError("floating-point pixels (mode F): convert the image to 8 or 16 bit")
-        return utils.convert_PIL_to_numpy(image, format)
+        rest = _reduction(image.height, image.width, fit)
+        if rest > 1:
+            if image.mode not in ("L", "RGB", "RGBA", "LA", "I", "F"):
+                image = image.convert("RGB")
+            image = image.reduce(rest)
+        return utils.convert_PIL_to_numpy(image, format), (height, width)
 
 
 def build_detr_augmentation(
@@ -135,6 +185,14 @@ class DetrDatasetMapper:
         self.augmentation = build_detr_augmentation(
             is_train, min_sizes, max_size, test_size, flip_prob
         )
+        # what the resizes need (a larger image is read reduced): test / multi-scale training
+        # sides, and the crop branch's first resize (no long-side limit)
+        if is_train:
+            self.fit = [(max(min_sizes), max_size)]
+            if crop:
+                self.fit.append((max(crop_resize), float("inf")))
+        else:
+            self.fit = [(test_size, max_size)]
         self.augmentation_with_crop = None
         if is_train and crop:
             resize = [a for a in self.augmentation if isinstance(a, T.ResizeShortestEdge)]
@@ -188,10 +246,9 @@ class DetrDatasetMapper:
         if not file_name or not os.path.isfile(file_name):
             return self._fail(record, "image file does not exist")
         try:
-            image = read_image(file_name, format=self.image_format)
+            image, (h, w) = read_image_for_resize(file_name, self.image_format, self.fit)
         except Exception as e:  # PIL raises many types for corrupt files
             return self._fail(record, f"unreadable image ({type(e).__name__}: {e})")
-        h, w = image.shape[:2]
         if ("height" in record and record["height"] != h) or (
             "width" in record and record["width"] != w
         ):
@@ -211,7 +268,10 @@ class DetrDatasetMapper:
             augs = self.augmentation_with_crop
         else:
             augs = self.augmentation
+        read_h, read_w = image.shape[:2]
         image, transforms = T.apply_transform_gens(augs, image)
+        if (read_h, read_w) != (h, w):  # read reduced: boxes go from the full size to it first
+            transforms = T.TransformList([T.ScaleTransform(h, w, read_h, read_w)]) + transforms
         image_shape = image.shape[:2]
         record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
