@@ -14,6 +14,14 @@ category tree is needed, top-K 30, summed BCE selection loss x 0.1, AdamW lr 4e-
 ``train.max_iter`` (and ``dataloader.train.total_batch_size``) should be set for the data:
 epochs x images / batch. Evaluation is detectron2's ``COCOEvaluator`` on the val json. Images
 without boxes are dropped from training (the log says how many).
+
+The val json is required: the run evaluates on it every ``train.eval_period`` iterations and at
+the end, and without it stops before training, in one line naming
+``dataloader.test.dataset.json_file``. With no separate validation images, move some images
+(with their boxes) from the training json into a val json, or give the training json and image
+folder again as the val split (the AP then says how well the model fits its own training
+images, not how it does on new ones). The val json must have the training json's categories
+(the same ids and names, in any order); other categories stop the run before training.
 """
 
 from detectron2.config import LazyCall as L

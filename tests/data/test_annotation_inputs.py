@@ -156,3 +156,10 @@ def test_train_net_invalid_json_and_duplicate_ids_are_one_line(train_net, tmp_pa
     dup = _write(tmp_path / "dup.json", TRAIN_CATS, images)
     message = _train_net_error(train_net, tmp_path, dup, train)
     assert f"{dup}: duplicate image id 4" in message
+
+
+def test_custom_coco_without_a_val_json_is_one_line_naming_the_key(train_net, tmp_path):
+    """Documented in configs/custom_coco.py and the README: the val json is required."""
+    train = _write(tmp_path / "train.json", TRAIN_CATS)
+    message = _train_net_error(train_net, tmp_path, train, "")
+    assert "dataloader.test.dataset.json_file is not set" in message
