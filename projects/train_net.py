@@ -500,15 +500,22 @@ def _eval_output_dir(out: str) -> str:
 _RUN_LOCK: List[RunLock] = []
 
 
-def _hold(lock: RunLock) -> None:
-    while _RUN_LOCK:  # a previous run of this process (a test calling cli() twice) has ended
-        _RUN_LOCK.pop().release()
-    _RUN_LOCK.append(lock)
+def _lock(folder: str) -> RunLock:
+    """Lock ``folder`` for this run (one line if another live run holds it), saying whose
+    lock it takes over when a killed run left one."""
+    lock = RunLock(folder).acquire()
     if lock.previous:
         logger.warning(
             f"{lock.path}: the run that held it ({lock.previous}) ended without releasing it "
             "(killed?); this run takes it over"
         )
+    return lock
+
+
+def _hold(lock: RunLock) -> None:
+    while _RUN_LOCK:  # a previous run of this process (a test calling cli() twice) has ended
+        _RUN_LOCK.pop().release()
+    _RUN_LOCK.append(lock)
 
 
 def _remove_old_run(out: str) -> None:
@@ -541,7 +548,7 @@ def preflight(args) -> None:
     if not args.eval_only:
         _check_world_size(cfg, args)
     # a folder in use by a live run is refused first (and locked before anything is removed)
-    lock = RunLock(out).acquire() if os.path.isdir(out) and not args.eval_only else None
+    lock = _lock(out) if os.path.isdir(out) and not args.eval_only else None
     try:
         run = _existing_run(out) if os.path.isdir(out) else []
         last = resume_checkpoint_file(out) if args.resume and os.path.isdir(out) else None
@@ -574,9 +581,9 @@ def preflight(args) -> None:
             # --eval-only --resume evaluates the run's last checkpoint (detectron2's rule)
             args.eval_checkpoint = last if last is not None else init
             args.eval_output_dir = _eval_output_dir(out)
-            lock = RunLock(args.eval_output_dir).acquire()
+            lock = _lock(args.eval_output_dir)
         elif lock is None:
-            lock = RunLock(out).acquire()  # creates the folder: every check has passed
+            lock = _lock(out)  # creates the folder: every check has passed
         if replace:  # every check passed: only now is anything of the old run removed
             _remove_old_run(out)
     except BaseException:
