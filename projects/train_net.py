@@ -19,7 +19,11 @@ the same iteration, LR, optimizer/scaler/EMA state, RNG state and data position.
 Nothing is lost and nothing is silently wrong: an override must name a key the config has (or an
 argument of its callable), values are checked before the model is built, a folder that already
 holds a run is refused unless ``--resume`` (continue it) or ``--overwrite`` (replace it) is
-given, evaluation loads checkpoints strictly, and every such error is one line.
+given, a folder in use by another live run is refused (``run.lock``), ``--resume`` needs the
+run's own config (see ``RESUME_MAY_DIFFER`` in cqdino/engine/config_check.py), a checkpoint of
+another vocabulary is refused unless ``--allow-other-vocabulary``, ``--eval-only`` into a run's
+folder writes to a new ``eval/<N>/``, evaluation loads checkpoints strictly, and every such error
+is one line.
 """
 
 import argparse
