@@ -135,29 +135,29 @@ DERIVED = """
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 
-from .configs.demo import dataloader, lr_multiplier, model, name_words, optimizer, train
+from .demo import dataloader, lr_multiplier, model, name_words, optimizer, train
 
-for name in ("people_train", "people_val"):
-    if name not in DatasetCatalog.list():  # the config is loaded more than once
-        register_coco_instances(name, {{}}, {json!r}, {root!r})
-name_words(model, dataloader, {words})
+for split in ("train", "val"):
+    if f"my_{{split}}" not in DatasetCatalog.list():  # the config is loaded more than once
+        register_coco_instances(f"my_{{split}}", {{}}, {json!r}, {root!r})
+name_words(model, dataloader, {words})  # compositional queries, word head and scores, ...
 model.class_head.relation = "self_attn"  # no category tree
 model.class_head.tree_file = None
 model.class_head.ancestor_masking = False
-model.class_head.num_categories = 2
-dataloader.train.mapper.num_classes = 2
-dataloader.test.mapper.num_classes = 2
-dataloader.train.dataset.names = "people_train"
-dataloader.test.dataset.names = "people_val"
+model.class_head.num_categories = 2  # = dataloader.{{train,test}}.mapper.num_classes
+dataloader.train.mapper.num_classes = dataloader.test.mapper.num_classes = 2
+dataloader.train.dataset.names, dataloader.test.dataset.names = "my_train", "my_val"
 """
 
 
 def _derived_config(shared_data, folder, words: bool) -> str:
-    """``folder/people.py`` derived from configs/demo.py, with ``folder/configs`` a link to
-    the repository's configs (relative imports in LazyConfig files resolve by location)."""
+    """``folder/my_data.py`` derived from configs/demo.py, beside links to ``demo.py`` and
+    ``common/`` of the repository's configs (LazyConfig's relative imports resolve by
+    location, as for a file saved in configs/)."""
     ann = write_people_animals(shared_data, folder / "data")
-    os.symlink(ROOT / "configs", folder / "configs")
-    path = folder / "people.py"
+    for name in ("demo.py", "common"):
+        os.symlink(ROOT / "configs" / name, folder / name)
+    path = folder / "my_data.py"
     path.write_text(DERIVED.format(json=ann, root=str(shared_data), words=words))
     return str(path)
 
@@ -176,16 +176,16 @@ def test_demo_derived_config_names_from_a_lazily_registered_json(shared_data, tm
     config = _derived_config(shared_data, tmp_path, words=True)
     try:
         cfg = load_config(config, TINY)
-        assert MetadataCatalog.get("people_train").get("thing_classes") is None  # still lazy
+        assert MetadataCatalog.get("my_train").get("thing_classes") is None  # still lazy
         model = instantiate(cfg.model)
         assert model.word_head is not None
         assert model.class_head.category_queries.name_encoder is not None  # compositional
         names = instantiate(cfg.model.class_head.category_names)
         assert names == ["person", "animal"]  # the json's categories in id order
-        with pytest.raises(InputError, match="class_agnostic=True: dataset 'people_val'"):
+        with pytest.raises(InputError, match="class_agnostic=True: dataset 'my_val'"):
             check_evaluator_config(cfg)
     finally:
-        for name in ("people_train", "people_val"):
+        for name in ("my_train", "my_val"):
             if name in DatasetCatalog.list():
                 DatasetCatalog.remove(name)
                 MetadataCatalog.remove(name)
