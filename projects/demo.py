@@ -3,6 +3,11 @@
 
     python projects/demo.py --config-file configs/demo.py --input img.jpg more/ \\
         --output out/ --confidence 0.3 train.init_checkpoint=output/demo/model_final.pth
+    python projects/demo.py --model demo.onnx --input img.jpg --output out/   # exported file
+
+``--model FILE`` runs a ``.onnx`` / ``.pt2`` written by ``tools/export.py`` through
+:class:`cqdino.predictor.Predictor` instead of a config and checkpoint: the class names, channel
+order and test resize come from the file's metadata.
 
 The model is ``cfg.model`` with the weights of ``train.init_checkpoint`` (the EMA weights when
 ``train.ema`` is enabled and the checkpoint holds them, as ``train_net.py --eval-only`` does).
@@ -54,7 +59,7 @@ from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
-from detectron2.structures import Instances
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import Visualizer
 
 from cqdino.data import DetrDatasetMapper
@@ -96,6 +101,26 @@ class Predictor:
     class_names: List[str]  # contiguous id -> name
     device: torch.device
     class_names_source: str = ""  # where the names came from (logged, in detections.json)
+    exported: Optional[object] = None  # a cqdino.predictor.Predictor of --model FILE
+
+
+def load_exported(path: str) -> Predictor:
+    """``--model FILE``: an exported model (``.onnx`` / ``.pt2`` of ``tools/export.py``) with
+    the class names, channel order and test resize of its metadata; no config, no model
+    code."""
+    from cqdino.predictor import Predictor as FilePredictor
+
+    runner = FilePredictor(path)
+    runner.array_format = runner.input_format  # read_input gives the model's channel order
+    return Predictor(
+        model=None,
+        augmentations=[],
+        input_format=runner.input_format,
+        class_names=runner.class_names,
+        device=torch.device("cpu"),
+        class_names_source=f"the metadata of {path}",
+        exported=runner,
+    )
 
 
 def setup_cfg(config_file: str, opts: Sequence[str] = ()):
@@ -240,6 +265,14 @@ def predict(predictor: Predictor, image: np.ndarray, confidence: float = 0.0) ->
     """Detections of one image (``(H, W, 3)`` uint8 in ``predictor.input_format``): the
     model's ``Instances`` (boxes in the image's pixels) with ``score >= confidence``, on CPU."""
     height, width = image.shape[:2]
+    if predictor.exported is not None:  # --model FILE: resize, pad and map back inside
+        det = predictor.exported(image, confidence)
+        return Instances(
+            (height, width),
+            pred_boxes=Boxes(torch.from_numpy(det.boxes)),
+            scores=torch.from_numpy(det.scores),
+            pred_classes=torch.from_numpy(det.classes),
+        )
     aug_input = T.AugInput(image)
     T.AugmentationList(predictor.augmentations)(aug_input)
     tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
@@ -334,7 +367,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig file")
+    parser.add_argument("--config-file", metavar="FILE", help="LazyConfig file")
+    parser.add_argument(
+        "--model",
+        metavar="FILE",
+        help="an exported model (.onnx / .pt2 of tools/export.py) instead of --config-file and "
+        "a checkpoint: class names and preprocessing come from its metadata",
+    )
     parser.add_argument(
         "--input", required=True, nargs="+", metavar="PATH", help="image files or directories"
     )
@@ -348,6 +387,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     # options may follow the overrides, as for train_net.py (``... key=value --confidence 0.5``)
     args = parser.parse_args(options_first(parser, argv, keep_paths=True))
+    if not args.config_file and not args.model:
+        parser.error("give --config-file (with train.init_checkpoint=...) or --model FILE")
     if not 0.0 <= args.confidence <= 1.0:
         parser.error(f"--confidence must be in [0, 1], got {args.confidence}")
     args.input, args.opts = _split_overrides(args.input, list(args.opts))
@@ -383,8 +424,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.warning(f"skipping {e['file']}: {e['reason']}")
     try:
         output_names = check_output(args.output, files)  # before any model is built
-        cfg = setup_cfg(args.config_file, args.opts)
-        predictor = load_predictor(cfg)
+        if args.model:
+            check_not_inputs(
+                [os.path.join(args.output, n) for n in output_names], [args.model], "--output"
+            )
+            cfg, predictor = None, load_exported(args.model)
+        else:
+            cfg = setup_cfg(args.config_file, args.opts)
+            predictor = load_predictor(cfg)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
         logger.error(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
         return 1
@@ -416,7 +463,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     result = {
         "config": args.config_file,
-        "checkpoint": cfg.train.get("init_checkpoint", "") if "train" in cfg else "",
+        "checkpoint": (
+            args.model
+            if cfg is None
+            else (cfg.train.get("init_checkpoint", "") if "train" in cfg else "")
+        ),
         "confidence": args.confidence,
         "class_names_source": predictor.class_names_source,
         "images": images,

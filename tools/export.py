@@ -126,7 +126,7 @@ def _build(args):
         use_ema = bool(ema.get("enabled", False) and ema.get("eval_with_ema", True))
         load_weights_strict(model, checkpoint, use_ema=use_ema)
     size_limits(model, args.max_size)  # --max-size below the model's minimum: one line
-    return cfg, model.to("cpu").eval()
+    return cfg, model.to("cpu").eval(), checkpoint
 
 
 def _check(args, model, info) -> List[str]:
@@ -167,6 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         export_program,
         save_program,
     )
+    from cqdino.predictor import deployment_info
 
     try:
         check_output_path(args.output, SUFFIX[args.format], args.overwrite)
@@ -174,7 +175,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_output_path(args.aoti, ".pt2", args.overwrite, option="--aoti")
         if args.format == "onnx":
             _check_onnx_packages()
-        _, model = _build(args)
+        cfg, model, checkpoint = _build(args)
+        extra_info = deployment_info(cfg, model, checkpoint)  # class names, test resize
+        logger.info(
+            f"{len(extra_info['class_names'])} class names from "
+            f"{extra_info['class_names_source']} go into the file's metadata"
+        )
     except (FileNotFoundError, FileExistsError, PermissionError, KeyError, ValueError) as e:
         logger.error(str(e).strip("'\""))
         return 1
@@ -184,6 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     t0 = time.perf_counter()
     program, info = export_program(model, args.max_size, args.max_batch)
+    info.update(extra_info)
     logger.info(
         f"traced {info['meta_architecture']} in {time.perf_counter() - t0:.0f} s: batch 1-"
         f"{info['max_batch']}, padded sides {info['min_size']}-{info['max_size']} px in steps "
@@ -199,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.aoti:
         t0 = time.perf_counter()
         try:
-            aoti_package(program, args.aoti, args.overwrite)
+            aoti_package(program, args.aoti, args.overwrite, info)
         except Exception as e:  # compiler missing or failing: name the option, keep one line
             first = (str(e).strip().splitlines() or [""])[0][:300]
             logger.error(
