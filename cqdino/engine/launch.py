@@ -388,7 +388,7 @@ def _worker(
         if world_size > 1 and _is_peer_failure(e):
             raise LaunchError(
                 f"rank {rank} of {world_size} lost contact with the other processes "
-                f"({_first_line(e)}): another node or process stopped or hung (its own log "
+                f"({_cause(e)}): another node or process stopped or hung (its own log "
                 f"says why); waited at most {limit}"
             ) from None
         raise  # the group is left to the exiting process (a dead peer can hang its teardown)
@@ -447,6 +447,12 @@ def _preflight_on_rank0(
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _cause(e: BaseException) -> str:
+    """The first line of a backend's message without its source location (gloo's
+    ``[.../gloo/transport/tcp/pair.cc:545] Read error ...``)."""
+    return re.sub(r"^\[[^\]]*:\d+\]\s*", "", _first_line(e))
 
 
 # What gloo, NCCL and the TCP store say when a peer is gone or silent.

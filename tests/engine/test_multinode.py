@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Dict, List
@@ -70,22 +71,23 @@ def _start(cmd: List[str], env: Dict[str, str]) -> subprocess.Popen:
 
 
 def _finish(procs: List[subprocess.Popen], timeout: float = 300) -> List[tuple]:
-    """(returncode, stdout + stderr) of each node; every node killed if one hangs."""
-    out = []
-    try:
-        for p in procs:
-            text = p.communicate(timeout=timeout)
-            out.append((p.returncode, text[0] + text[1]))
-    finally:
-        for p in procs:
+    """(returncode, stdout + stderr, exit time) of each node; every node killed if one hangs."""
+
+    def wait(p):
+        try:
+            out, err = p.communicate(timeout=timeout)
+        finally:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.communicate()
-    return out
+        return p.returncode, out + err, time.monotonic()
+
+    with ThreadPoolExecutor(len(procs)) as pool:
+        return list(pool.map(wait, procs))
 
 
 def _ok(result):
-    code, text = result
+    code, text, _ = result
     assert code == 0, f"exit {code}\n{text[-6000:]}"
     return text
 
@@ -149,8 +151,11 @@ def test_two_machines_node_dies_then_resume(one_machine, tiny_datasets, tmp_path
     node0, node1 = _two_machines(tiny_datasets, args, harness0=["kill_after_save", "1"])
     assert node0[0] == -9, node0[1][-4000:]
     assert node1[0] not in (0, -9), node1[1][-4000:]
+    assert node1[2] - node0[2] < TIMEOUT  # stopped within the timeout of node 0's death
     last = node1[1].strip().splitlines()[-1]
-    assert last.startswith("error: ") and "lost contact" in last, node1[1][-4000:]
+    assert last.startswith("error: rank 1 of 2 lost contact with the other processes ("), last
+    assert "another node or process stopped or hung" in last and "Traceback" not in node1[1]
+    assert "/gloo/" not in last  # the backend's source location is left out
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     got = metrics_by_iter(tmp_path)
     assert sorted(got) == [0]  # killed before the writer logged iteration 1
@@ -222,7 +227,7 @@ def test_srun_tasks_checks_run_once_and_stop_every_rank(one_machine, tiny_datase
         cmd = [sys.executable, TRAIN_NET, f"--dist-timeout={TIMEOUT}"]
         procs.append(_start(cmd + _args(tmp_path / "run"), env))
     start = time.monotonic()
-    (code0, text0), (code1, text1) = _finish(procs[::-1])
+    (code0, text0, _), (code1, text1, _) = _finish(procs[::-1])
     assert time.monotonic() - start < TIMEOUT + 60
     last0, last1 = text0.strip().splitlines()[-1], text1.strip().splitlines()[-1]
     assert code0 == 1 and last0.startswith("error: ") and "already holds a run" in last0, text0
@@ -230,6 +235,46 @@ def test_srun_tasks_checks_run_once_and_stop_every_rank(one_machine, tiny_datase
     assert "already holds a run" in last1 and "Traceback" not in text0 + text1
     assert "World size: 2" not in text0  # nothing was built
     assert (tmp_path / "run" / "last_checkpoint").read_text() == "model_final.pth"
+
+
+# A peer that hangs (alive, silent): the other stops after --dist-timeout, not never.
+HANG = """
+import sys, time, torch, torch.distributed as dist
+from datetime import timedelta
+from cqdino.engine.launch import LaunchError, launch
+
+def main():
+    x = torch.ones(1)
+    dist.all_reduce(x)  # both ranks are in
+    print("formed", flush=True)
+    if dist.get_rank() == 1:
+        time.sleep(120)  # hung
+    dist.all_reduce(x)
+
+rank, url = int(sys.argv[1]), sys.argv[2]
+try:
+    launch(main, 1, 2, rank, url, timeout=timedelta(seconds=float(sys.argv[3])))
+except LaunchError as e:
+    sys.exit(f"error: {e}")
+"""
+
+
+def test_a_hung_peer_stops_the_other_after_the_timeout(tmp_path):
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [_start([sys.executable, "-c", HANG, str(r), url, "4"], _env(tmp_path)) for r in (0, 1)]
+    try:
+        text0 = "".join(procs[0].communicate(timeout=60))
+        assert procs[1].poll() is None  # rank 1 still hangs; rank 0 gave up
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    assert "formed" in text0
+    last = text0.strip().splitlines()[-1]
+    assert procs[0].returncode == 1, text0
+    assert last.startswith("error: rank 0 of 2 lost contact with the other processes"), text0
+    assert "Timed out" in last and "waited at most 4 s (--dist-timeout)" in last
 
 
 # Reading the launchers' variables (no processes).
