@@ -191,15 +191,32 @@ def test_demo_derived_config_names_from_a_lazily_registered_json(shared_data, tm
                 MetadataCatalog.remove(name)
 
 
-def test_demo_derived_config_class_agnostic_stops_before_training(shared_data, tmp_path):
-    config = _derived_config(shared_data, tmp_path, words=True)
+THREE = [
+    "model.class_head.num_categories=3",
+    "dataloader.train.mapper.num_classes=3",
+    "dataloader.test.mapper.num_classes=3",
+]
+
+
+@pytest.mark.parametrize(
+    "words, overrides, message",
+    [
+        # the demo's class-agnostic evaluation, which a COCO-evaluated dataset does not have
+        (True, [], "error: dataloader.evaluator.class_agnostic=True: dataset 'my_val'"),
+        # a class count other than the lazily registered json's (its names were unknown)
+        (False, THREE, "error: the model has 3 classes"),
+    ],
+)
+def test_demo_derived_config_errors_stop_before_training(
+    shared_data, tmp_path, words, overrides, message
+):
+    config = _derived_config(shared_data, tmp_path, words=words)
     out = tmp_path / "run"
-    args = ["--config-file", config, *TINY, f"train.output_dir={out}"]
+    args = ["--config-file", config, *TINY, *overrides, f"train.output_dir={out}"]
     proc = run_train_net(tmp_path, args)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: dataloader.evaluator.class_agnostic=True"), last
-    assert "set dataloader.evaluator.class_agnostic=False" in last
+    assert last.startswith(message), last
     assert not (out / "last_checkpoint").exists() and not (out / "metrics.json").exists()
 
 
