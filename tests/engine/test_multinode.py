@@ -237,29 +237,35 @@ def test_srun_tasks_checks_run_once_and_stop_every_rank(one_machine, tiny_datase
     assert (tmp_path / "run" / "last_checkpoint").read_text() == "model_final.pth"
 
 
-# A peer that hangs (alive, silent): the other stops after --dist-timeout, not never.
+# Two bare ranks (no training): what rank 0's checks set on the arguments reaches rank 1;
+# then rank 1 hangs (alive, silent) and rank 0 stops after --dist-timeout, not never.
 HANG = """
-import sys, time, torch, torch.distributed as dist
+import argparse, sys, time, torch, torch.distributed as dist
 from datetime import timedelta
 from cqdino.engine.launch import LaunchError, launch
 
-def main():
+def preflight(ns):
+    ns.chosen = f"eval/{dist.get_rank() + 3}"  # e.g. the folder --eval-only writes to
+
+def main(ns):
+    print(f"rank {dist.get_rank()} chosen {ns.chosen}", flush=True)
     x = torch.ones(1)
     dist.all_reduce(x)  # both ranks are in
-    print("formed", flush=True)
     if dist.get_rank() == 1:
         time.sleep(120)  # hung
     dist.all_reduce(x)
 
 rank, url = int(sys.argv[1]), sys.argv[2]
+ns = argparse.Namespace(chosen=None)
 try:
-    launch(main, 1, 2, rank, url, timeout=timedelta(seconds=float(sys.argv[3])))
+    launch(main, 1, 2, rank, url, (ns,), timedelta(seconds=float(sys.argv[3])),
+           preflight=preflight)
 except LaunchError as e:
     sys.exit(f"error: {e}")
 """
 
 
-def test_a_hung_peer_stops_the_other_after_the_timeout(tmp_path):
+def test_rank0_checks_reach_every_rank_and_a_hung_peer_times_out(tmp_path):
     url = f"tcp://127.0.0.1:{_free_port()}"
     procs = [_start([sys.executable, "-c", HANG, str(r), url, "4"], _env(tmp_path)) for r in (0, 1)]
     try:
@@ -269,8 +275,8 @@ def test_a_hung_peer_stops_the_other_after_the_timeout(tmp_path):
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-            p.communicate()
-    assert "formed" in text0
+        text1 = "".join(procs[1].communicate())
+    assert "rank 0 chosen eval/3" in text0 and "rank 1 chosen eval/3" in text1
     last = text0.strip().splitlines()[-1]
     assert procs[0].returncode == 1, text0
     assert last.startswith("error: rank 0 of 2 lost contact with the other processes"), text0
