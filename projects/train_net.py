@@ -9,7 +9,10 @@
         train.output_dir=output/demo_short                                        # overrides
 
 Multi-GPU training runs through detectron2's ``launch`` (DDP, NCCL). Without CUDA,
-``--num-gpus N`` runs N CPU processes over gloo. ``train.*`` keys (configs/common/train.py):
+``--num-gpus N`` runs N CPU processes over gloo. Started by ``torchrun`` or ``srun`` (one
+process per GPU, several nodes), it takes its rank from their variables and starts no process
+(README, "Training on several machines"; cqdino/engine/launch.py).
+``train.*`` keys (configs/common/train.py):
 ``output_dir``, ``init_checkpoint``, ``max_iter``, ``device``, ``seed``, ``amp`` (CUDA only,
 bf16/fp16), ``clip_grad``, ``ema``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``.
 Outputs in ``train.output_dir``: config.yaml, log.txt, metrics.json, TensorBoard events,
@@ -412,14 +415,15 @@ def main(args):
 def _check_world_size(cfg, args) -> None:
     """The training batch splits evenly over the processes (checked before any is started)."""
     world = max(int(args.num_gpus), 1) * max(int(getattr(args, "num_machines", 1)), 1)
-    world = max(world, comm.get_world_size())  # torchrun / srun: rank 0 checks in the group
+    how = f"--num-gpus {args.num_gpus} x --num-machines {getattr(args, 'num_machines', 1)}"
+    if comm.get_world_size() > world:  # torchrun / srun: rank 0 checks in the formed group
+        world, how = comm.get_world_size(), "started by the launcher"
     loader = cfg.dataloader.get("train") if "dataloader" in cfg else None
     total = loader.get("total_batch_size") if loader is not None else None
     if isinstance(total, int) and world > 1 and total % world:
         raise InputError(
             f"dataloader.train.total_batch_size={total} is not a multiple of the {world} "
-            f"processes (--num-gpus {args.num_gpus} x --num-machines "
-            f"{getattr(args, 'num_machines', 1)}): each process takes an equal share; set it "
+            f"processes ({how}): each process takes an equal share; set it "
             f"to a multiple of {world}, e.g. {max(world, total - total % world)}"
         )
 
