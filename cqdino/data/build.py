@@ -15,23 +15,32 @@ augmentation randomness of each sample depends on the worker and the process RNG
   before the first iteration continues the stream exactly where the checkpoint left it.
 
 The test loader is detectron2's ``build_detection_test_loader`` (batch 1, inference sampler).
+Reading registered datasets (:func:`get_dataset_dicts`, :func:`check_datasets`) belongs to
+:mod:`cqdino.data.datasets` (re-exported here); imports run one way, from here to there.
 """
 
 import itertools
 import logging
 import os
 import random
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-from detectron2.data.build import filter_images_with_only_crowd_annotations, worker_init_reset_seed
+from detectron2.data.build import worker_init_reset_seed
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cqdino.utils.io import InputError
 
+from .datasets import (
+    DatasetNotFoundError,
+    check_datasets,
+    get_dataset_dicts,
+    json_category_names,
+    register_coco_json,
+)
 from .sampler import repeat_factors_from_category_frequency
 
 __all__ = [
@@ -49,79 +58,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class DatasetNotFoundError(RuntimeError):
-    """A registered dataset whose files are not where its registration looks."""
-
-
-def _missing_message(name: str, path: str) -> str:
-    root = os.getenv("DETECTRON2_DATASETS")
-    where = f"$DETECTRON2_DATASETS={root}" if root else "./datasets ($DETECTRON2_DATASETS is unset)"
-    return (
-        f"dataset {name!r}: {path} does not exist (looked under {where}). Put the dataset there "
-        "or set DETECTRON2_DATASETS to the folder that holds it; the expected layout is in "
-        "docs/data_and_evaluation.md."
-    )
-
-
-def check_datasets(names: Union[str, Sequence[str]]) -> None:
-    """Fail early, with one clear message, when a dataset's files are missing.
-
-    A dataset whose ``json_file`` is absent is loaded once (the synthetic vocabulary generates
-    itself on first use); if that fails too, :class:`DatasetNotFoundError` names the dataset,
-    the path and ``$DETECTRON2_DATASETS``.
-    """
-    for name in [names] if isinstance(names, str) else names:
-        if name not in DatasetCatalog.list():
-            raise DatasetNotFoundError(
-                f"dataset {name!r} is not registered (import cqdino.data registers v3det_* and "
-                "synthetic_vocab_*; detectron2 registers coco_2017_*)"
-            )
-        meta = MetadataCatalog.get(name)
-        json_file = meta.get("json_file")
-        if json_file is None or os.path.isfile(json_file):
-            continue
-        try:
-            DatasetCatalog.get(name)
-        except Exception as e:
-            raise DatasetNotFoundError(_missing_message(name, json_file)) from e
-        if not os.path.isfile(json_file):
-            raise DatasetNotFoundError(_missing_message(name, json_file))
-
-
-def get_dataset_dicts(
-    names: Union[str, Sequence[str]], filter_empty: bool = True
-) -> List[Dict[str, Any]]:
-    """Dataset dicts of one or more registered datasets, concatenated (missing files raise
-    :class:`DatasetNotFoundError`); ``filter_empty`` drops images without non-crowd boxes."""
-    names = [names] if isinstance(names, str) else list(names)
-    if not names:
-        raise ValueError("get_dataset_dicts: no dataset names given")
-    check_datasets(names)
-    dicts = []
-    for name in names:
-        d = DatasetCatalog.get(name)
-        if not d:
-            raise InputError(f"dataset {name!r} is empty (no images)")
-        dicts.extend(d)
-    if filter_empty:
-        total = len(dicts)
-        dicts = filter_images_with_only_crowd_annotations(dicts)
-        dropped = total - len(dicts)
-        which = " + ".join(names)
-        if not dicts:
-            raise InputError(
-                f"dataset {which}: none of its {total} images has a box (crowd boxes do not "
-                "count); training drops images without boxes (filter_empty=True), so nothing "
-                "is left to train on: check the annotation file's 'annotations'"
-            )
-        if dropped:
-            logger.info(
-                f"dataset {which}: {dropped} of {total} images have no box and are not used "
-                f"for training; {len(dicts)} remain"
-            )
-    return dicts
 
 
 def resolve_seed(seed: Optional[int]) -> int:
@@ -355,8 +291,6 @@ def register_config_datasets(cfg) -> None:
     an :class:`~cqdino.utils.io.InputError` naming the key."""
     from omegaconf import DictConfig, OmegaConf
 
-    from .datasets import register_coco_json
-
     for split in ("train", "test"):
         key = f"dataloader.{split}.dataset"
         node = OmegaConf.select(cfg, key, default=None)
@@ -399,8 +333,6 @@ def dataset_class_names(
 def _metadata_class_names(dataset_name: str, required: bool) -> Optional[List[str]]:
     """``thing_classes``, else the categories of the metadata's ``json_file``, of a registered
     dataset (see :func:`dataset_class_names`)."""
-    from .datasets import json_category_names
-
     meta = MetadataCatalog.get(dataset_name)
     names = meta.get("thing_classes", None)
     if names is not None:

@@ -24,10 +24,11 @@ import os
 import re
 import time
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.structures import BoxMode
 
 from cqdino.utils.io import InputError
@@ -35,6 +36,9 @@ from cqdino.utils.io import InputError
 from . import synthetic
 
 __all__ = [
+    "DatasetNotFoundError",
+    "check_datasets",
+    "get_dataset_dicts",
     "load_detection_json",
     "read_category_names",
     "image_counts_from_json",
@@ -643,14 +647,85 @@ def register_coco_json(name: str, json_file: str, image_root: str) -> str:
     return name
 
 
+class DatasetNotFoundError(RuntimeError):
+    """A registered dataset whose files are not where its registration looks."""
+
+
+def _missing_message(name: str, path: str) -> str:
+    root = os.getenv("DETECTRON2_DATASETS")
+    where = f"$DETECTRON2_DATASETS={root}" if root else "./datasets ($DETECTRON2_DATASETS is unset)"
+    return (
+        f"dataset {name!r}: {path} does not exist (looked under {where}). Put the dataset there "
+        "or set DETECTRON2_DATASETS to the folder that holds it; the expected layout is in "
+        "docs/data_and_evaluation.md."
+    )
+
+
+def check_datasets(names: Union[str, Sequence[str]]) -> None:
+    """Fail early, with one clear message, when a dataset's files are missing.
+
+    A dataset whose ``json_file`` is absent is loaded once (the synthetic vocabulary generates
+    itself on first use); if that fails too, :class:`DatasetNotFoundError` names the dataset,
+    the path and ``$DETECTRON2_DATASETS``.
+    """
+    for name in [names] if isinstance(names, str) else names:
+        if name not in DatasetCatalog.list():
+            raise DatasetNotFoundError(
+                f"dataset {name!r} is not registered (import cqdino.data registers v3det_* and "
+                "synthetic_vocab_*; detectron2 registers coco_2017_*)"
+            )
+        meta = MetadataCatalog.get(name)
+        json_file = meta.get("json_file")
+        if json_file is None or os.path.isfile(json_file):
+            continue
+        try:
+            DatasetCatalog.get(name)
+        except Exception as e:
+            raise DatasetNotFoundError(_missing_message(name, json_file)) from e
+        if not os.path.isfile(json_file):
+            raise DatasetNotFoundError(_missing_message(name, json_file))
+
+
+def get_dataset_dicts(
+    names: Union[str, Sequence[str]], filter_empty: bool = True
+) -> List[Dict[str, Any]]:
+    """Dataset dicts of one or more registered datasets, concatenated (missing files raise
+    :class:`DatasetNotFoundError`); ``filter_empty`` drops images without non-crowd boxes."""
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError("get_dataset_dicts: no dataset names given")
+    check_datasets(names)
+    dicts = []
+    for name in names:
+        d = DatasetCatalog.get(name)
+        if not d:
+            raise InputError(f"dataset {name!r} is empty (no images)")
+        dicts.extend(d)
+    if filter_empty:
+        total = len(dicts)
+        dicts = filter_images_with_only_crowd_annotations(dicts)
+        dropped = total - len(dicts)
+        which = " + ".join(names)
+        if not dicts:
+            raise InputError(
+                f"dataset {which}: none of its {total} images has a box (crowd boxes do not "
+                "count); training drops images without boxes (filter_empty=True), so nothing "
+                "is left to train on: check the annotation file's 'annotations'"
+            )
+        if dropped:
+            logger.info(
+                f"dataset {which}: {dropped} of {total} images have no box and are not used "
+                f"for training; {len(dicts)} remain"
+            )
+    return dicts
+
+
 def coco_json_dataset(
     names: str, json_file: str, image_root: str, filter_empty: bool = True
 ) -> List[dict]:
     """Dataset dicts of a COCO-format json (registered as ``names`` first, see
     :func:`register_coco_json`); the dataset of ``configs/custom_coco.py``, where the paths
     are overrides. ``filter_empty`` drops images without boxes (training)."""
-    from .build import get_dataset_dicts
-
     register_coco_json(names, json_file, image_root)
     return get_dataset_dicts(names, filter_empty=filter_empty)
 

@@ -315,6 +315,19 @@ def _saved_form(cfg: DictConfig) -> Dict[str, Any]:
         return _flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=False), "", {})
 
 
+def _same_callable(a: Any, b: Any) -> bool:
+    """Whether two ``_target_`` strings name the same object (a function that moved to another
+    module and is still importable from the old one: a run saved before the move resumes)."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    from detectron2.utils.registry import locate
+
+    try:
+        return locate(a) is locate(b)
+    except Exception:
+        return False
+
+
 def config_differences(
     cfg: DictConfig, saved_path: str, allowed: Sequence[str] = RESUME_MAY_DIFFER
 ) -> List[Tuple[str, Any, Any]]:
@@ -322,7 +335,8 @@ def config_differences(
     (a run's saved config), as (key, saved value, value of ``cfg``), sorted by key; a key
     absent on one side has the value ``"<absent>"``. Keys matching a pattern of ``allowed``
     are left out, and so is ``train.seed`` when ``cfg`` asks for a random one (-1 or None: the
-    resumed run keeps the seed its config.yaml recorded)."""
+    resumed run keeps the seed its config.yaml recorded); two ``_target_`` names of one object
+    (a function that moved, still importable from its old module) are the same value."""
     try:
         saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=False), "", {})
     except Exception as e:
@@ -333,6 +347,8 @@ def config_differences(
     for key in sorted(set(saved) | set(new)):
         a, b = saved.get(key, "<absent>"), new.get(key, "<absent>")
         if a == b or any(fnmatch.fnmatchcase(key, pat) for pat in allowed):
+            continue
+        if key.rsplit(".", 1)[-1] == "_target_" and _same_callable(a, b):
             continue
         if key == "train.seed" and (b is None or (_is_int(b) and b < 0)):
             continue

@@ -1,0 +1,95 @@
+"""One way to do each thing (issue 31): rules about the source tree itself, read as text.
+
+* the imports between the modules of ``cqdino/`` (those inside functions included) have no
+  circle;
+"""
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(name: str, path: Path, modules: Set[str]) -> Set[str]:
+    """The modules of ``modules`` that ``path`` (module ``name``) imports, anywhere in it."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in modules)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module
+            for a in node.names:
+                if f"{source}.{a.name}" in modules:  # from package import module
+                    found.add(f"{source}.{a.name}")
+                elif source in modules:
+                    found.add(source)
+    found.discard(name)
+    return found
+
+
+def import_graph(folder: Path, root: Path = ROOT) -> Dict[str, Set[str]]:
+    """Module -> the modules of ``folder`` it imports (``root``: where module names start)."""
+    files = {_module_name(p, root): p for p in folder.rglob("*.py")}
+    return {m: _imports(m, p, set(files)) for m, p in files.items()}
+
+
+def circles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    found: List[List[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_circle_finder_finds_a_circle_through_a_lazy_import(tmp_path):
+    """The check itself: a circle closed by an import inside a function is found."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import f\n")
+    (pkg / "b.py").write_text("def f():\n    from pkg.a import g\n")
+    (pkg / "c.py").write_text("from . import a\n")
+    graph = import_graph(pkg, root=tmp_path)
+    assert graph == {"pkg": set(), "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}, "pkg.c": {"pkg.a"}}
+    assert circles(graph) == [["pkg.a", "pkg.b"]]
+
+
+def test_library_imports_have_no_circle():
+    graph = import_graph(ROOT / "cqdino")
+    assert graph["cqdino.data.build"] >= {"cqdino.data.datasets", "cqdino.data.sampler"}
+    assert circles(graph) == []
