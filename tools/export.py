@@ -18,7 +18,11 @@ compares it with the eager model (``--no-check`` skips that).
 Load a ``.pt2`` with ``import cqdino._C; torch.export.load(path).module()`` (the compiled ops
 must be registered; the model's Python code is not needed). The weights are loaded strictly
 (every key present with its shape, nothing extra). An existing output is never replaced
-without ``--overwrite``; files are written to a temporary name and renamed.
+without ``--overwrite``, and an output that is an input (the checkpoint, the config; also
+through a symbolic or hard link) or the other output never, even with it; files are written to
+a temporary name and renamed. The file's metadata carries the class names, the channel order
+and the test resize, so ``cqdino.predictor.Predictor(path)`` and ``projects/demo.py --model``
+run it without the config.
 """
 
 import argparse
