@@ -13,16 +13,15 @@ Prints a table and writes JSON::
 
 import argparse
 import json
-import os
 import platform
 import random
-import tempfile
 import time
 from typing import Callable, Dict, List
 
 import torch
 
 from cqdino.modeling import CategorySelector, TreeAggregation
+from cqdino.utils.io import atomic_write
 
 
 def random_dag(num_categories: int, seed: int = 0) -> List[List[int]]:
@@ -103,12 +102,8 @@ def main() -> None:
     print(f"{'module':<18} {'variant':<26} {'shape':<58} {'seconds':>8}")
     for r in rows:
         print(f"{r['module']:<18} {r['variant']:<26} {r['shape']:<58} {r['seconds']:>8.3f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     payload = dict(machine=machine, torch=torch.__version__, rows=rows)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=1)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda fh: json.dump(payload, fh, indent=1), mode="w")
     print(f"wrote {args.out}")
 
 

@@ -16,6 +16,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from cqdino.utils.io import atomic_write
+
 __all__ = [
     "machine_info",
     "time_interleaved",
@@ -155,17 +157,7 @@ def write_json(path: Optional[str], payload: object) -> None:
     """Writes ``payload`` as JSON to ``path`` atomically (nothing when ``path`` is None)."""
     if not path:
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: json.dump(payload, f, indent=1), mode="w")
 
 
 def mem_available_bytes() -> int:

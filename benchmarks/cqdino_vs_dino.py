@@ -26,8 +26,9 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+from cqdino.utils.io import atomic_write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,11 +156,7 @@ def main(argv=None) -> None:
     print(json.dumps(info))
     if args.json:
         out = {"info": info, "results": rows}
-        d = os.path.dirname(os.path.abspath(args.json))
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write(args.json, lambda f: json.dump(out, f, indent=1), mode="w")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List
 
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cqdino import _ext  # noqa: E402
 from cqdino.layers import contrastive_logits, topk_category_gather  # noqa: E402
+from cqdino.utils.io import atomic_write  # noqa: E402
 
 # ------------------------------------------------------------------ the three implementations
 
@@ -125,12 +125,7 @@ def time_round_robin(
 
 
 def write_json_atomic(path: str, payload: Dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".topk_gather.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(payload, f, indent=2), mode="w")
 
 
 # ------------------------------------------------------------------ main

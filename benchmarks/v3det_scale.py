@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
+from cqdino.utils.io import atomic_write  # noqa: E402
+
 NUM_CATEGORIES = 13204
 
 
@@ -333,10 +335,7 @@ def main() -> None:
         "eval": {"images": n_val, "dets_per_image": 300, "gt_per_image": 7},
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out + ".tmp", "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(a.out + ".tmp", a.out)
+    atomic_write(a.out, lambda f: json.dump(info, f, indent=1), mode="w")
     print(f"wrote {a.out}")
 
 

@@ -90,7 +90,7 @@ from cqdino.engine.launch import LAUNCHERS, TIMEOUT_ENV, dist_timeout
 from cqdino.engine.run_lock import RunLock
 from cqdino.evaluation.build import check_evaluator_config
 from cqdino.utils.cli import options_first
-from cqdino.utils.io import InputError, check_output_dir
+from cqdino.utils.io import InputError, atomic_save, check_output_dir
 
 logger = logging.getLogger("cqdino.train_net")
 
@@ -361,9 +361,7 @@ def setup(cfg, args) -> None:
         path = os.path.join(output_dir, "config.yaml")
         if args.eval_only and os.path.exists(path):
             path = os.path.join(output_dir, "config_eval.yaml")
-        tmp = os.path.join(output_dir, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-        LazyConfig.save(cfg, tmp)
-        os.replace(tmp, path)
+        atomic_save(path, lambda tmp: LazyConfig.save(cfg, tmp))
         logger.info(f"Full config saved to {path}")
     seed_all_rng(seed + rank)
 

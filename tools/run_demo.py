@@ -64,6 +64,8 @@ def plot_curves(train: dict, evals: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from cqdino.utils.io import atomic_save
+
     its = sorted(train)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for key in ("total_loss", "loss_class", "loss_bbox", "loss_giou", "loss_select"):
@@ -82,9 +84,7 @@ def plot_curves(train: dict, evals: dict, path: Path) -> None:
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_save(str(path), lambda tmp: fig.savefig(tmp, dpi=110), suffix=path.suffix or ".png")
     plt.close(fig)
 
 
