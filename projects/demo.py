@@ -66,7 +66,13 @@ from cqdino.data import DetrDatasetMapper
 from cqdino.data.build import register_config_datasets
 from cqdino.data.datasets import generation_disabled
 from cqdino.data.mapper import read_image
-from cqdino.engine import atomic_write, load_weights_strict
+from cqdino.engine import (
+    atomic_write,
+    checkpoint_ema_state,
+    load_weights_strict,
+    resolve_device,
+    use_ema_weights,
+)
 from cqdino.engine.config_check import load_config, validate_config
 from cqdino.utils.cli import options_first
 from cqdino.utils.io import InputError, check_not_inputs, check_output_dir
@@ -130,14 +136,6 @@ def setup_cfg(config_file: str, opts: Sequence[str] = ()):
     validate_config(cfg)
     register_config_datasets(cfg)  # datasets given by path (configs/custom_coco.py)
     return cfg
-
-
-def _device(cfg) -> torch.device:
-    device = str(cfg.train.get("device", "cuda")) if "train" in cfg else "cuda"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        logger.info("CUDA is not available: running on the CPU")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def _test_augmentations(cfg) -> List[T.Augmentation]:
@@ -208,7 +206,7 @@ def _use_saved_category_names(cfg, checkpoint: str) -> None:
 def load_predictor(cfg) -> Predictor:
     """Build ``cfg.model``, load ``train.init_checkpoint`` (weights only) and put it in eval
     mode on ``train.device`` (the CPU when CUDA is not available)."""
-    device = _device(cfg)
+    device = resolve_device(cfg)
     checkpoint = cfg.train.get("init_checkpoint", "") if "train" in cfg else ""
     if checkpoint and not os.path.isfile(checkpoint):
         raise InputError(f"train.init_checkpoint={checkpoint}: no such file")
@@ -217,16 +215,10 @@ def load_predictor(cfg) -> Predictor:
         model = instantiate(cfg.model)
     extra = {}
     if checkpoint:
-        extra = load_weights_strict(model, checkpoint)  # all tensors, same shapes
-        ema_state = (extra.get("trainer") or {}).get("ema") if isinstance(extra, dict) else None
-        ema_cfg = cfg.train.get("ema", {})
-        if (
-            ema_state is not None
-            and ema_cfg.get("enabled", False)
-            and ema_cfg.get("eval_with_ema", True)
-        ):
+        use_ema = use_ema_weights(cfg)
+        extra = load_weights_strict(model, checkpoint, use_ema=use_ema)  # all tensors, same shapes
+        if use_ema and checkpoint_ema_state(extra) is not None:
             logger.info("using the checkpoint's EMA weights (train.ema.enabled)")
-            model.load_state_dict(ema_state["state"])
     else:
         logger.warning("no train.init_checkpoint given: the detections come from untrained weights")
     model.to(device).eval()

@@ -68,11 +68,14 @@ from cqdino.engine import (
     Trainer,
     atomic_write,
     check_resumable,
+    checkpoint_ema_state,
     format_results,
     inference_on_dataset,
     launch,
     load_weights_strict,
+    resolve_device,
     unwrap_model,
+    use_ema_weights,
 )
 from cqdino.engine.checkpoint import (
     check_vocabulary,
@@ -93,14 +96,6 @@ from cqdino.utils.cli import options_first
 from cqdino.utils.io import InputError, atomic_save, check_output_dir
 
 logger = logging.getLogger("cqdino.train_net")
-
-
-def _device(cfg) -> torch.device:
-    device = cfg.train.get("device", "cuda")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        logger.info("CUDA is not available: running on the CPU")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def _dataset_names(cfg):
@@ -216,11 +211,13 @@ def _drop_metrics_from(output_dir: str, start_iter: int) -> None:
         )
 
 
-def do_test(cfg, model, ema=None):
-    """Evaluate on ``dataloader.test`` with ``dataloader.evaluator`` (EMA weights if enabled)."""
+def do_test(cfg, model, ema=None, ema_weights: bool = False):
+    """Evaluate on ``dataloader.test`` with ``dataloader.evaluator``: with the weights of
+    ``ema`` swapped in when :func:`~cqdino.engine.checkpoint.use_ema_weights` (during
+    training); ``ema_weights``: the model already holds EMA weights (logged as such)."""
     if "evaluator" not in cfg.dataloader or "test" not in cfg.dataloader:
         return {}
-    use_ema = ema is not None and cfg.train.ema.get("eval_with_ema", True)
+    use_ema = ema is not None and use_ema_weights(cfg)
     with ema.swapped_in(model) if use_ema else nullcontext():
         results = inference_on_dataset(
             unwrap_model(model),
@@ -230,7 +227,7 @@ def do_test(cfg, model, ema=None):
     if comm.is_main_process() and results:
         logger.info(
             "Evaluation results%s:\n%s",
-            " (EMA weights)" if use_ema else "",
+            " (EMA weights)" if use_ema or ema_weights else "",
             format_results(results),
         )
     return results
@@ -242,7 +239,7 @@ def _build_ema(cfg, model):
 
 
 def do_train(args, cfg):
-    device = _device(cfg)
+    device = resolve_device(cfg)
     model = instantiate(cfg.model).to(device)
     logger.info("Model:\n%s", model)
     cfg.optimizer.params.model = model
@@ -310,7 +307,7 @@ def do_train(args, cfg):
 
 
 def do_eval_only(cfg, args=None):
-    device = _device(cfg)
+    device = resolve_device(cfg)
     model = instantiate(cfg.model)
     if not cfg.train.init_checkpoint:
         logger.warning("--eval-only without train.init_checkpoint: evaluating untrained weights")
@@ -323,18 +320,20 @@ def do_eval_only(cfg, args=None):
         logger.info(f"Evaluating {cfg.train.init_checkpoint} ({how})")
     # strict: every tensor of the model, of the same shape (a checkpoint of another config is
     # an error, not an AP table of a half-initialised model)
+    use_ema = use_ema_weights(cfg)
     extra = (
-        load_weights_strict(model, cfg.train.init_checkpoint) if cfg.train.init_checkpoint else {}
+        load_weights_strict(model, cfg.train.init_checkpoint, use_ema=use_ema)
+        if cfg.train.init_checkpoint
+        else {}
     )
+    ema_loaded = use_ema and checkpoint_ema_state(extra) is not None
     if cfg.train.init_checkpoint:
-        logger.info(f"Loaded {cfg.train.init_checkpoint} (all {len(model.state_dict())} tensors)")
+        logger.info(
+            f"Loaded {cfg.train.init_checkpoint} (all {len(model.state_dict())} tensors"
+            + (", its EMA weights: train.ema.enabled)" if ema_loaded else ")")
+        )
     model.to(device)
-    ema = None
-    ema_state = (extra.get("trainer") or {}).get("ema") if isinstance(extra, dict) else None
-    if _build_ema(cfg, model) is not None and ema_state is not None:
-        ema = ModelEMA(model, ema_state["decay"])
-        ema.load_state_dict(ema_state)
-    return do_test(cfg, model, ema)
+    return do_test(cfg, model, ema_weights=ema_loaded)
 
 
 def setup(cfg, args) -> None:

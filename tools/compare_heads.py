@@ -203,13 +203,13 @@ def selector_recall(
     from detectron2.data import DatasetCatalog
 
     from cqdino.data import register_synthetic_vocab
-    from cqdino.engine import load_weights_strict
+    from cqdino.engine import load_weights_strict, use_ema_weights
 
     register_synthetic_vocab(str(root))
     cfg = LazyConfig.apply_overrides(LazyConfig.load(str(config or HEADS["CQ-DINO"])), overrides)
     cfg.train.init_checkpoint = str(out / "model_final.pth")
     model = instantiate(cfg.model).eval()
-    load_weights_strict(model, cfg.train.init_checkpoint)
+    load_weights_strict(model, cfg.train.init_checkpoint, use_ema=use_ema_weights(cfg))
     name = cfg.dataloader.test.dataset.names
     gt = {  # dataset dicts hold contiguous category ids, as the selector's indices
         d["image_id"]: {a["category_id"] for a in d.get("annotations", [])}

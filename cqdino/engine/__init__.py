@@ -8,8 +8,11 @@ from .checkpoint import (
     PeriodicCheckpointer,
     atomic_write,
     check_resumable,
+    checkpoint_ema_state,
     load_weights_strict,
+    use_ema_weights,
 )
+from .device import resolve_device
 from .evaluation import format_results, inference_on_dataset, read_metrics
 from .launch import launch
 from .schedule import StepWithWarmup, step_schedule
@@ -21,7 +24,10 @@ __all__ = [
     "PeriodicCheckpointer",
     "atomic_write",
     "check_resumable",
+    "checkpoint_ema_state",
     "load_weights_strict",
+    "resolve_device",
+    "use_ema_weights",
     "format_results",
     "inference_on_dataset",
     "read_metrics",

@@ -9,7 +9,8 @@ with ``weights_only=False`` after a warning. An unreadable file is a :class:`Che
 
 Evaluation and inference load with :func:`load_weights_strict` (every tensor of the model, of
 the same shape, nothing else): a checkpoint of another config is an error naming a few of the
-keys that differ. Training's ``init_checkpoint`` may load partially (pretrained backbones); a
+keys that differ; :func:`use_ema_weights` is the one rule for loading the EMA weights instead.
+Training's ``init_checkpoint`` may load partially (pretrained backbones); a
 summary line says how many tensors were loaded and which were not.
 """
 
@@ -38,11 +39,13 @@ __all__ = [
     "atomic_write",
     "check_resumable",
     "check_vocabulary",
+    "checkpoint_ema_state",
     "load_weights_strict",
     "newest_checkpoint",
     "read_checkpoint_meta",
     "resume_checkpoint_file",
     "tree_sha256",
+    "use_ema_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -275,10 +278,32 @@ class PeriodicCheckpointer(hooks.PeriodicCheckpointer):
             comm.synchronize()  # no rank runs ahead while rank 0 writes
 
 
-def load_weights_strict(model: torch.nn.Module, path: str) -> Dict[str, Any]:
+def use_ema_weights(cfg) -> bool:
+    """The one rule for "evaluate / infer with the EMA weights?": ``train.ema.enabled`` and
+    ``train.ema.eval_with_ema`` (default true). A checkpoint without EMA weights then loads its
+    model weights (see :func:`load_weights_strict`)."""
+    train = cfg.get("train", None) if hasattr(cfg, "get") else None
+    ema = (train.get("ema", None) if train is not None else None) or {}
+    return bool(ema.get("enabled", False) and ema.get("eval_with_ema", True))
+
+
+def checkpoint_ema_state(checkpoint: Any) -> Optional[Dict[str, Any]]:
+    """The EMA weights a checkpoint dict of ``train_net.py`` holds (``trainer.ema.state``), or
+    None when it has none."""
+    trainer = checkpoint.get("trainer") if isinstance(checkpoint, dict) else None
+    ema = trainer.get("ema") if isinstance(trainer, dict) else None
+    state = ema.get("state") if isinstance(ema, dict) else None
+    return state if isinstance(state, dict) else None
+
+
+def load_weights_strict(model: torch.nn.Module, path: str, use_ema: bool = False) -> Dict[str, Any]:
     """Load the weights of checkpoint ``path`` into ``model``: every tensor of the model must be
     in the file with the same shape, and the file must hold nothing else. Returns the
     checkpoint dict (e.g. its ``trainer`` state, ``class_names``).
+
+    ``use_ema``: load the checkpoint's EMA weights (``trainer.ema.state``) when it has them,
+    else its model weights (decide with :func:`use_ema_weights`; a caller can tell which were
+    loaded with :func:`checkpoint_ema_state` of the returned dict).
 
     Raises:
         CheckpointError naming a few missing, unexpected and shape-mismatched keys.
@@ -287,6 +312,8 @@ def load_weights_strict(model: torch.nn.Module, path: str) -> Dict[str, Any]:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} is not a dict of weights")
     state = checkpoint.get("model", checkpoint)
+    if use_ema and checkpoint_ema_state(checkpoint) is not None:
+        state = checkpoint_ema_state(checkpoint)
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"checkpoint {path} holds no model weights")
     if all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
