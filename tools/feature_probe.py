@@ -32,7 +32,6 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 
 def _fail(msg: str) -> None:
@@ -46,19 +45,20 @@ def collect(model, loader, records, attributes, images: int) -> Dict[str, np.nda
     from torchvision.ops import box_iou, roi_align
 
     cap: dict = {}
-    head = model.class_head
-    select, head_forward = model.select_detections, head.forward
+    # the backbone's maps and their strides, as the model declares them
+    strides = {name: shape.stride for name, shape in model.backbone.output_shape().items()}
 
-    def select_spy(outputs, state):
-        cap["boxes"] = outputs["pred_boxes"]
-        return select(outputs, state)
+    def keep_boxes(module, inputs, output):  # (hidden, boxes, enc_outputs, state)
+        cap["boxes"] = output[1][-1]  # the last decoder layer's boxes (no DN at inference)
 
-    def head_spy(hidden, state, layer):
-        cap["hidden"] = hidden  # the last call of a forward is the last decoder layer
-        return head_forward(hidden, state, layer)
+    def keep_hidden(module, inputs, output):
+        cap["hidden"] = inputs[0]  # the last call of a forward is the last decoder layer
 
-    hook = model.backbone.register_forward_hook(lambda m, i, o: cap.__setitem__("maps", o))
-    model.select_detections, head.forward = select_spy, head_spy
+    hooks = [
+        model.backbone.register_forward_hook(lambda m, i, o: cap.__setitem__("maps", o)),
+        model.transformer.register_forward_hook(keep_boxes),
+        model.class_head.register_forward_hook(keep_hidden),
+    ]
     dec, bb, labels, ious = [], [], [], []
     try:
         with torch.no_grad():
@@ -89,7 +89,7 @@ def collect(model, loader, records, attributes, images: int) -> Dict[str, np.nda
                                 fm[b : b + 1].float().contiguous(),
                                 [gt * scale],
                                 output_size=1,
-                                spatial_scale=1.0 / STRIDES[name],
+                                spatial_scale=1.0 / strides[name],
                                 aligned=True,
                             ).flatten()
                             for name, fm in sorted(cap["maps"].items())
@@ -98,8 +98,8 @@ def collect(model, loader, records, attributes, images: int) -> Dict[str, np.nda
                         labels.append(attr)
                         ious.append(float(iou[q]))
     finally:
-        hook.remove()
-        model.select_detections, head.forward = select, head_forward
+        for hook in hooks:
+            hook.remove()
     if not labels:
         raise ValueError("no ground-truth box with four attributes in the probed images")
     return dict(
@@ -135,7 +135,7 @@ def main(argv: List[str] = None) -> int:
 
     import cqdino.data  # noqa: F401  (registers the datasets)
     from cqdino.data.synthetic import category_attributes, read_meta
-    from cqdino.engine import load_weights_strict
+    from cqdino.engine import load_weights_strict, use_ema_weights
     from cqdino.evaluation.diagnostics import ATTRIBUTES, linear_probe
     from cqdino.utils.io import atomic_write
 
@@ -147,7 +147,7 @@ def main(argv: List[str] = None) -> int:
             cfg, list(args.opts) + [f"dataloader.test.dataset.names={split}"]
         )
         model = instantiate(cfg.model)
-        load_weights_strict(model, args.weights)
+        load_weights_strict(model, args.weights, use_ema=use_ema_weights(cfg))
         model.eval()
         records = {r["image_id"]: r for r in DatasetCatalog.get(split)}
         # <root>/images/<split>/<id>.jpg: the generator's folder holds meta.json

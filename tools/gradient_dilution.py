@@ -12,16 +12,15 @@ For every category c, over all training iterations::
 
 where L is the detection classification loss (sigmoid focal loss over the logit columns:
 DINO's C classes, CQ-DINO's K selected categories, each column mapped back to its category).
-The table gives, per frequency group of the training set (rare: 1-10 training images, common:
-11-100, frequent: > 100, the V3Det evaluator's groups; categories without training images have
-no positives and are left out), the mean and median of ratio_c over the group's categories, and
-the pooled ratio (sum of pos_c over sum of neg_c). A CQ-DINO category that never got a column
-has no negatives and no defined ratio (``defined`` counts the others); one that got columns
-only in images where it was not a target has ratio 0. The ``early_*`` columns repeat the
-statistic over the first 10% of the iterations only (before the heads' biases have settled).
-For CQ-DINO the same statistic of its selection loss (ASL on the selector's [B, C] scores
-against the image-level labels) is given separately: it is the loss through which every
-category still sees every image.
+The table gives, per frequency group of the training set (the V3Det evaluator's groups, rare: <= 10
+training images, common: 11-100, frequent: > 100; categories without training images have no
+positives and are left out, so rare is 1-10 here), the mean and median of ratio_c over the group's
+categories, and the pooled ratio (sum of pos_c over sum of neg_c). A CQ-DINO category that never got
+a column has no negatives and no defined ratio (``defined`` counts the others); one that got columns
+only in images where it was not a target has ratio 0. The ``early_*`` columns repeat the statistic
+over the first 10% of the iterations only (before the heads' biases have settled). For CQ-DINO the
+same statistic of its selection loss (ASL on the selector's [B, C] scores against the image-level
+labels) is given separately: it is the loss through which every category still sees every image.
 
 Setup (kept small so that it runs on a CPU in minutes; the heads and losses are the project's):
 
@@ -76,6 +75,7 @@ from common import (  # noqa: E402
 )
 
 from cqdino.data import image_counts_from_json, load_detection_json, synthetic  # noqa: E402
+from cqdino.evaluation.v3det_evaluation import frequency_groups  # noqa: E402
 from cqdino.modeling import (  # noqa: E402
     HungarianMatcher,
     LinearClassHead,
@@ -83,7 +83,6 @@ from cqdino.modeling import (  # noqa: E402
     build_contrastive_class_head,
 )
 
-GROUPS = (("rare", 1, 10), ("common", 11, 100), ("frequent", 101, None))
 EARLY_KEYS = ("defined", "mean_ratio", "pooled_ratio")
 MODELS = ("DINO", "CQ-DINO")
 FEATURE_CHANNELS = 2 * len(synthetic.COLOURS) + 2
@@ -332,13 +331,17 @@ def _row(state, b: int):
 
 # ---------------------------------------------------------------- statistics, table and plot
 def group_stats(pos: Sequence[float], neg: Sequence[float], image_count: torch.Tensor) -> list:
-    """Per frequency group: categories, defined ratios, mean/median ratio, pooled ratio."""
+    """Per frequency group of the V3Det evaluator (:func:`frequency_groups`: rare <= 10
+    training images, common 11..100, frequent > 100), leaving out the categories without
+    training images (they have no positives): categories, defined ratios, mean/median ratio,
+    pooled ratio."""
     pos_t, neg_t = torch.tensor(pos), torch.tensor(neg)
+    count = torch.as_tensor(image_count)
     out = []
-    for name, lo, hi in GROUPS:
-        member = image_count >= lo
-        if hi is not None:
-            member &= image_count <= hi
+    for name, positions in frequency_groups(count.tolist()).items():
+        member = torch.zeros(len(pos_t), dtype=torch.bool)
+        member[torch.from_numpy(positions)] = True
+        member &= count > 0  # no training image: no positives, no ratio to speak of
         defined = member & (neg_t > 0)
         ratio = pos_t[defined] / neg_t[defined]
         row = dict(

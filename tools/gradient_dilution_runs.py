@@ -29,8 +29,9 @@ where L is the run's whole weighted training loss and the logits are those of
   every image).
 
 Columns map to categories through the class head: DINO's columns are the C classes; CQ-DINO's
-are the K categories selected per image. Per frequency group of the training split (rare: 1-10
-training images, common: 11-100, frequent: > 100, the V3Det evaluator's groups) the table gives
+are the K categories selected per image. Per frequency group of the training split (the V3Det
+evaluator's groups, rare: <= 10 training images, common: 11-100, frequent: > 100; categories
+without training images left out, as in ``tools/gradient_dilution.py``) the table gives
 the pooled ratio (sum of pos_c over sum of neg_c) and the mean of ratio_c over the group's
 categories whose ratio is defined (a category that got no column has no negatives). ``run``
 rows pool the sums of all checkpoints of a run: the run's checkpoints stand in for the whole
@@ -43,6 +44,7 @@ targets; ``tap_rel_err`` in the JSON: the largest absolute difference over the l
 """
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -64,15 +66,12 @@ from cqdino.utils import quiet_imports  # noqa: E402, F401  (before detectron2 /
 # isort: split
 
 from common import format_table, machine_info  # noqa: E402
-from gradient_dilution import GROUPS, group_stats  # noqa: E402
+from gradient_dilution import group_stats  # noqa: E402
 
-from cqdino.utils.io import atomic_write  # noqa: E402
+from cqdino.evaluation.v3det_evaluation import FREQUENCY_GROUPS  # noqa: E402
+from cqdino.utils.io import InputError, atomic_write  # noqa: E402
 
 LOSSES = ("final", "all", "selection")
-
-
-class InputError(ValueError):
-    """A run folder, checkpoint or dataset that cannot be measured (one-line message)."""
 
 
 # ---------------------------------------------------------------- accounting
@@ -123,58 +122,50 @@ def focal_grad(x: torch.Tensor, positive: torch.Tensor, alpha: float, gamma: flo
 
 # ---------------------------------------------------------------- taps on a model
 class Taps:
-    """Wraps ``model.criterion.loss_single`` and ``model.class_head.prepare`` (and a forward
-    hook on CQ-DINO's selector score layer) to keep, for one forward/backward, each prediction
-    set's logits (gradient retained), their positive entries and the loss they enter."""
+    """Keeps, for one forward/backward, each prediction set's logits (gradient retained), their
+    positive entries and the loss they enter, through the library's observers
+    (:meth:`SetCriterion.observe`, :meth:`DINO.observe_class_state`) and a forward hook on
+    CQ-DINO's selector score layer; :meth:`close` removes them."""
 
     def __init__(self, model):
         self.model = model
         self.sets: List[dict] = []
         self.state = None
         self.scores: List[torch.Tensor] = []
-        crit, head = model.criterion, model.class_head
-        self._loss_single, self._prepare = crit.loss_single, head.prepare
-
-        def loss_single(pred_logits, pred_boxes, targets, indices, num_boxes, quality=True, **kw):
-            if pred_logits.requires_grad:
-                pred_logits.retain_grad()
-            out = self._loss_single(
-                pred_logits, pred_boxes, targets, indices, num_boxes, quality=quality, **kw
-            )
-            B, Q, N = pred_logits.shape
-            positive = torch.zeros(B, Q, N, dtype=torch.bool)
-            for b, ((q, g), t) in enumerate(zip(indices, targets)):
-                lab = t["labels"][g.to(t["labels"].device)].cpu()
-                keep = lab >= 0
-                positive[b, q.cpu()[keep], lab[keep]] = True
-            binary = not quality or getattr(self.model.criterion, "iou_target", "none") == "none"
-            self.sets.append(
-                dict(logits=pred_logits, positive=positive, binary=binary, num_boxes=num_boxes)
-            )
-            return out
-
-        def prepare(*args, **kw):
-            self.state = self._prepare(*args, **kw)
-            return self.state
-
-        crit.loss_single, head.prepare = loss_single, prepare
-        self._hook = None
-        selector = getattr(head, "selector", None)
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(model.criterion.observe(self._loss_set))
+        self._stack.enter_context(model.observe_class_state(self._class_state))
+        selector = getattr(model.class_head, "selector", None)
         if selector is not None:
+            hook = selector.score.register_forward_hook(self._score)
+            self._stack.callback(hook.remove)
 
-            def keep(module, inputs, output):
-                output.retain_grad()
-                self.scores.append(output)
+    def _loss_set(self, pred_logits, targets, indices, num_boxes, quality):
+        if pred_logits.requires_grad:
+            pred_logits.retain_grad()
+        B, Q, N = pred_logits.shape
+        positive = torch.zeros(B, Q, N, dtype=torch.bool)
+        for b, ((q, g), t) in enumerate(zip(indices, targets)):
+            lab = t["labels"][g.to(t["labels"].device)].cpu()
+            keep = lab >= 0
+            positive[b, q.cpu()[keep], lab[keep]] = True
+        binary = not quality or getattr(self.model.criterion, "iou_target", "none") == "none"
+        self.sets.append(
+            dict(logits=pred_logits, positive=positive, binary=binary, num_boxes=num_boxes)
+        )
 
-            self._hook = selector.score.register_forward_hook(keep)
+    def _class_state(self, state):
+        self.state = state
+
+    def _score(self, module, inputs, output):
+        output.retain_grad()
+        self.scores.append(output)
 
     def clear(self):
         self.sets, self.state, self.scores = [], None, []
 
     def close(self):
-        del self.model.criterion.loss_single, self.model.class_head.prepare
-        if self._hook is not None:
-            self._hook.remove()
+        self._stack.close()
 
 
 # ---------------------------------------------------------------- one run
@@ -393,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     payload = {
         "info": dict(machine_info("cpu"), elapsed_s=round(time.perf_counter() - t0, 1)),
         "config": {k: v for k, v in vars(args).items() if k != "json"},
-        "groups": [list(g) for g in GROUPS],
+        "groups": [list(g) for g in FREQUENCY_GROUPS],
         "rows": rows,
         "summary": summary,
     }

@@ -6,7 +6,8 @@ clamped to >= 1 (DN losses by that number times the number of DN groups), so an 
 batch without GT gives finite losses (the focal term then pushes every query to background).
 """
 
-from typing import Dict, List, Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,20 @@ class SetCriterion(nn.Module):
             "loss_word": loss_word_weight,
         }
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self._observers: List[Callable[..., None]] = []
+
+    @contextmanager
+    def observe(self, fn: Callable[..., None]) -> Iterator[None]:
+        """Within the block, ``fn(pred_logits, targets, indices, num_boxes, quality)`` is called
+        with the arguments of :meth:`loss_single` for every prediction set, before its loss is
+        computed (in :meth:`forward`'s order: last layer, aux layers, encoder, DN layers). For
+        diagnostics that need the logits of each set (e.g. ``tools/gradient_dilution_runs.py``
+        keeps their gradients); the losses are unchanged."""
+        self._observers.append(fn)
+        try:
+            yield
+        finally:
+            self._observers.remove(fn)
 
     def loss_single(
         self,
@@ -118,6 +133,8 @@ class SetCriterion(nn.Module):
             pred_words: optional ``[B, Q, W]`` word logits; then every target has ``"words"``
                 ``[G, W]`` and ``loss_word`` is returned too.
         """
+        for fn in self._observers:
+            fn(pred_logits, targets, indices, num_boxes, quality)
         B, Q, N = pred_logits.shape
         device = pred_logits.device
         batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(

@@ -1,7 +1,8 @@
 """DINO as a detectron2 meta-architecture, with the classification head as a swappable module
 (:mod:`cqdino.modeling.dino.heads`) so CQ-DINO subclasses it and replaces only what differs."""
 
-from typing import Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -107,6 +108,7 @@ class DINO(nn.Module):
         self.transformer = transformer
         self.class_head = class_head
         self.criterion = criterion
+        self._class_state_observers: List[Callable[[ClassHeadState], None]] = []
         if word_head is not None and not isinstance(word_head, nn.Module):
             raise TypeError(
                 f"model.word_head must be a module (e.g. NameWordHead) or None, got "
@@ -241,7 +243,20 @@ class DINO(nn.Module):
     ) -> ClassHeadState:
         """Per-batch classification state, before the encoder (CQ-DINO: category selection)."""
         gt_classes = [t["classes"] for t in targets] if targets is not None else None
-        return self.class_head.prepare(features, images.image_sizes, gt_classes)
+        state = self.class_head.prepare(features, images.image_sizes, gt_classes)
+        for fn in self._class_state_observers:
+            fn(state)
+        return state
+
+    @contextmanager
+    def observe_class_state(self, fn: Callable[[ClassHeadState], None]) -> Iterator[None]:
+        """Within the block, ``fn(state)`` sees the class-head state of every forward (e.g.
+        CQ-DINO's selected categories ``state.indices``, for diagnostics); nothing changes."""
+        self._class_state_observers.append(fn)
+        try:
+            yield
+        finally:
+            self._class_state_observers.remove(fn)
 
     def extract_features(
         self, batched_inputs: List[Dict[str, Tensor]]
