@@ -125,3 +125,32 @@ def test_compare_heads_bad_manifest(tmp_path, entry, message):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1
     assert message in proc.stderr and proc.stderr.count("\n") <= 1
+
+
+def test_from_runs_settings_are_the_runs_own(tmp_path):
+    """The summary's ``settings`` come from the runs (config.yaml, log.txt), not from the
+    tool's defaults (400 iterations, 2,000 images, C 1,000 / 5,000)."""
+    runs = []
+    for name, c, iters, images in (("a", 1000, 950, 4000), ("b", 13204, 950, 4000)):
+        folder = Path(_fake_run(tmp_path / name, 10.0, 8.0))
+        (folder / "config.yaml").write_text(
+            f"train:\n  max_iter: {iters}\nmodel:\n  class_head:\n    num_categories: {c}\n"
+            "    topk: 100\n"
+        )
+        (folder / "log.txt").write_text(
+            f"cqdino.data.build INFO: Training loader: {images} images, batch 4 per rank x 1 "
+            "ranks, 2 workers\n"
+        )
+        runs.append({"head": "CQ-DINO", "categories": c, "seed": 0, "run": str(folder)})
+    manifest = tmp_path / "runs.json"
+    manifest.write_text(json.dumps(runs))
+    out = tmp_path / "summary.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "compare_heads.py"), "--from-runs", str(manifest)]
+    proc = subprocess.run(cmd + ["--json", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["from_runs"] == str(manifest)
+    assert settings["iterations"] == [950] and settings["train_images"] == [4000]
+    assert settings["categories"] == [1000, 13204] and settings["topk"] == [100]
+    assert [r["run"] for r in settings["runs"]] == [r["run"] for r in runs]
+    assert "iters" not in settings and "seeds" not in settings  # no argparse defaults

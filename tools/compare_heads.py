@@ -18,8 +18,9 @@ Runs trained elsewhere (e.g. two processes each through ``train_net.py``) are su
 same way from a manifest, a JSON list of ``{"head": "CQ-DINO" | "DINO", "categories": C,
 "seed": S, "run": "<train_net.py output folder>"}``; each run's last evaluation is read from its
 ``metrics.json``, its s/iteration from ``log.txt`` and its ARC from an ``arc.json`` next to them
-(``{"ARC": percent}``, when there). ``--plot`` draws AP and APr against C for both heads (mean
-over seeds, every seed as a point)::
+(``{"ARC": percent}``, when there); the json's ``settings`` are the runs' own (iterations and
+class count from each ``config.yaml``, training images from ``log.txt``). ``--plot`` draws AP
+and APr against C for both heads (mean over seeds, every seed as a point)::
 
     python tools/compare_heads.py --from-runs runs.json --json summary.json --plot ap_vs_c.png
     python tools/compare_heads.py --arc <CQ-DINO run> --topk 100   # writes <run>/arc.json
@@ -126,6 +127,36 @@ def read_run(run: Path) -> Dict:
     if arc.is_file():
         out["ARC"] = float(json.loads(arc.read_text())["ARC"])
     return out
+
+
+def run_settings(run: Path) -> Dict:
+    """What a run was trained with, from its own files: ``iterations`` (``train.max_iter`` of
+    its config.yaml), ``categories`` (the class head's class count), ``topk`` (CQ-DINO's K)
+    and ``train_images`` (the training loader's image count, from log.txt); None where the
+    file does not say."""
+    from omegaconf import OmegaConf
+
+    out: Dict = {"run": str(run), "iterations": None, "categories": None, "topk": None}
+    config = run / "config.yaml"
+    if config.is_file():
+        cfg = OmegaConf.load(config)
+        out["iterations"] = OmegaConf.select(cfg, "train.max_iter", default=None)
+        head = OmegaConf.select(cfg, "model.class_head", default=None) or {}
+        out["categories"] = head.get("num_categories", head.get("num_classes"))
+        out["topk"] = head.get("topk")
+    log = run / "log.txt"
+    m = re.search(r"Training loader: (\d+) images", log.read_text()) if log.is_file() else None
+    out["train_images"] = int(m.group(1)) if m else None
+    return out
+
+
+def manifest_settings(path: Path) -> Dict:
+    """The ``settings`` of a summary of the runs a manifest lists: each run's own settings
+    (:func:`run_settings`) and, per setting, the distinct values over the runs."""
+    runs = [run_settings(Path(e["run"])) for e in json.loads(path.read_text())]
+    keys = ("iterations", "train_images", "categories", "topk")
+    values = {k: sorted({r[k] for r in runs if r[k] is not None}) for k in keys}
+    return dict(from_runs=str(path), **values, runs=runs)
 
 
 def read_manifest(path: Path) -> List[Dict]:
@@ -336,8 +367,12 @@ def main(argv=None) -> int:
                 print(json.dumps(row), flush=True)
     summary = summarise(rows)
     print(table(summary))
+    if args.from_runs:  # the runs' own settings, not this command's defaults
+        settings = manifest_settings(args.from_runs)
+    else:
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings,
         "runs": rows,
         "summary": summary,
         "seconds": time.perf_counter() - t0,
