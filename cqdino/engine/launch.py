@@ -397,20 +397,23 @@ def _worker(
 
 def _local_group(node_rank: int, local_rank: int) -> None:
     """detectron2's per-node group (``comm.get_local_rank/size``): the ranks that share this
-    process's node, numbered as the launcher numbered them on that node."""
-    nodes: List[int] = comm.all_gather(node_rank) if dist.get_world_size() > 1 else [node_rank]
-    rank = dist.get_rank()
-    for node in sorted(set(nodes)):  # every rank creates every group, in the same order
-        ranks = [r for r, n in enumerate(nodes) if n == node]
+    process's node, numbered as the launcher numbered them on that node (checked on every
+    rank, so that all stop with the same message)."""
+    mine = (node_rank, local_rank)
+    places: List[Tuple[int, int]] = comm.all_gather(mine) if dist.get_world_size() > 1 else [mine]
+    for node in sorted({n for n, _ in places}):  # every rank creates every group, in order
+        ranks = [r for r, (n, _) in enumerate(places) if n == node]
         group = dist.new_group(ranks)
         if node == node_rank:
             comm._LOCAL_PROCESS_GROUP = group
-            if ranks.index(rank) != local_rank:
-                raise LaunchError(
-                    f"rank {rank} is local rank {local_rank} of node {node}, but that node's "
-                    f"ranks are {ranks}: number ranks node by node (SLURM: "
-                    "--distribution=block)"
-                )
+    for node in sorted({n for n, _ in places}):
+        ranks = [r for r, (n, _) in enumerate(places) if n == node]
+        local = [places[r][1] for r in ranks]
+        if local != list(range(len(ranks))):
+            raise LaunchError(
+                f"node {node} holds ranks {ranks} with local ranks {local}: ranks must be "
+                "numbered node by node (SLURM: --distribution=block)"
+            )
 
 
 def _preflight_on_rank0(
