@@ -41,6 +41,7 @@ from detectron2.layers import ShapeSpec
 
 from cqdino.data import category_tree_file
 from cqdino.data.build import dataset_class_names
+from cqdino.data.priors import category_image_fraction
 from cqdino.modeling import NameWordHead
 
 from .common.data.synthetic import dataloader
@@ -133,7 +134,14 @@ model.class_head.force_gt = True  # training: GT categories always among the K (
 model.class_head.relation = "tree"
 model.class_head.tree_file = L(category_tree_file)(dataset_name="${dataloader.train.dataset.names}")
 name_words(model, dataloader, True)  # the name-word levers (name_words' docstring)
-model.class_head.test_topk = "${.num_categories}"  # every category at inference (docstring)
+# the selector (docs/evidence.md, "The selector"): per-category bias from the training
+# images' category frequencies, the bilinear and dense (max over locations) score forms, and
+# the dense box-level selection loss; inference through the top-K, as the recipe
+model.class_head.selector_score_form = "dense+bilinear"
+model.class_head.selector_prior = L(category_image_fraction)(
+    dataset_name="${dataloader.train.dataset.names}", num_classes="${..num_categories}"
+)
+model.class_head.dense_loss_weight = 1.0
 model.backbone.channels_last = True
 model.criterion.loss_class_weight = 5.0
 

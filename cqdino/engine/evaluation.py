@@ -77,7 +77,7 @@ def inference_on_dataset(
 
 def format_results(results: Mapping[str, Mapping[str, float]], keys=None) -> str:
     """A pipe table of the headline metrics of each task (default: AP, AP50, AP75 and the
-    rare/common/frequent APs and the class-agnostic APs when present)."""
+    rare/common/frequent APs, the class-agnostic APs and the selector's recall when present)."""
     rows = []
     for task, metrics in results.items():
         if not isinstance(metrics, Mapping):
@@ -98,7 +98,7 @@ def format_results(results: Mapping[str, Mapping[str, float]], keys=None) -> str
                 "AP50-agnostic",
             )
             if k in metrics
-        ]
+        ] + sorted(k for k in metrics if k.startswith(("ARC@", "recall@")))
         rows.append([task] + [f"{metrics[k]:.2f}" for k in names])
     if not rows:
         return "(no results)"

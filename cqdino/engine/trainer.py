@@ -21,6 +21,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cqdino.modeling.dino.heads import STAT_PREFIX
 from cqdino.utils.io import InputError
 
 __all__ = ["ModelEMA", "Trainer", "unwrap_model"]
@@ -185,7 +186,7 @@ class Trainer(TrainerBase):
             ) from None
         if isinstance(loss_dict, torch.Tensor):
             loss_dict = {"total_loss": loss_dict}
-        losses = sum(loss_dict.values())
+        losses = sum(v for k, v in loss_dict.items() if not k.startswith(STAT_PREFIX))
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
@@ -246,7 +247,8 @@ class Trainer(TrainerBase):
         mean = {k: float(np.mean([m[k] for m in all_metrics])) for k in loss_dict}
         # Raw per-iteration values in metrics.json / TensorBoard (repeatable across resumes);
         # the console log still shows detectron2's 20-iteration medians of the losses.
-        storage.put_scalar("total_loss", sum(mean.values()), smoothing_hint=False)
+        total = sum(v for k, v in mean.items() if not k.startswith(STAT_PREFIX))
+        storage.put_scalar("total_loss", total, smoothing_hint=False)
         if grad_norm is not None:
             storage.put_scalar("grad_norm", float(np.mean([m["grad_norm"] for m in all_metrics])))
         if self.grad_scaler is not None:

@@ -393,6 +393,45 @@ def class_agnostic_ap(gt: BoxArrays, dt: BoxArrays, max_dets_per_image: int = 30
     return {"AP-agnostic": 100 * stats["AP"], "AP50-agnostic": 100 * stats["AP50"]}
 
 
+def _best_per_query(queries: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Indices of the best-scoring detection of each object query (one box per query: the
+    class-agnostic AP must not count a box once per category it was named)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    q = queries[order]
+    first = torch.ones_like(q, dtype=torch.bool)
+    seen = set()
+    for i, v in enumerate(q.tolist()):
+        first[i] = v not in seen
+        seen.add(v)
+    return order[first]
+
+
+def selector_recall(gt: BoxArrays, rankings: Dict) -> Dict[str, float]:
+    """The selector's recall (in %) of each image's ground-truth categories: ``ARC@K`` (the
+    paper's metric: (image, GT category) pairs whose category is among the image's K selected
+    ones) and ``recall@{K/2, 2K}`` from the ranking beyond K.
+
+    Args:
+        gt: ground-truth boxes (dataset category ids).
+        rankings: ``{image id: (K, dataset category ids best first, at least K of them)}``.
+    """
+    pairs = sorted(set(zip(gt["image_id"].tolist(), gt["category_id"].tolist())))
+    ks = sorted({k for k, _ in rankings.values()})
+    if len(ks) != 1:
+        raise ValueError(f"images were ranked with different K: {ks}")
+    k = ks[0]
+    rank = {  # image id -> {category: its position in the ranking}
+        i: {int(c): r for r, c in enumerate(ids.tolist())} for i, (_, ids) in rankings.items()
+    }
+    ranks = [rank[i].get(c, len(rank[i])) for i, c in pairs if i in rank]
+    ranks = np.asarray(ranks, np.int64)
+    out = {}
+    for name, n in ((f"ARC@{k}", k), (f"recall@{max(k // 2, 1)}", max(k // 2, 1))):
+        out[name] = 100.0 * float((ranks < n).mean()) if len(ranks) else float("nan")
+    out[f"recall@{2 * k}"] = 100.0 * float((ranks < 2 * k).mean()) if len(ranks) else float("nan")
+    return out
+
+
 def _load_gt_json(json_file: str, image_ids: Optional[set]) -> BoxArrays:
     with open(json_file, encoding="utf-8") as f:
         anns = json.load(f)["annotations"]
@@ -488,6 +527,7 @@ class V3DetEvaluator(DatasetEvaluator):
 
     def reset(self):
         self._predictions: List[tuple] = []
+        self._rankings: Dict = {}  # image id -> (num_selected K, dataset ids best first)
 
     def _contiguous_to_dataset(self) -> np.ndarray:
         m = getattr(self._metadata, "thing_dataset_id_to_contiguous_id", None)
@@ -515,9 +555,15 @@ class V3DetEvaluator(DatasetEvaluator):
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
+            if "category_ranking" in out:
+                ranking = out["category_ranking"].to(self._cpu).numpy().astype(np.int64)
+                ids = self._dataset_ids(inp["image_id"], ranking, "ranked category")
+                self._rankings[inp["image_id"]] = (int(out["num_selected"]), ids)
             if "instances" not in out:
                 continue
             inst = out["instances"].to(self._cpu)
+            if self._class_agnostic and inst.has("pred_query"):
+                inst = inst[_best_per_query(inst.pred_query, inst.scores)]
             scores = inst.scores
             if len(inst) > self._max_dets:
                 keep = torch.topk(scores, self._max_dets).indices
@@ -571,10 +617,13 @@ class V3DetEvaluator(DatasetEvaluator):
         if self._distributed:
             comm.synchronize()
             preds = list(itertools.chain(*comm.gather(self._predictions, dst=0)))
+            rankings = {}
+            for part in comm.gather(self._rankings, dst=0):
+                rankings.update(part)
             if not comm.is_main_process():
                 return {}
         else:
-            preds = self._predictions
+            preds, rankings = self._predictions, self._rankings
         if not preds:
             logger.warning("[V3DetEvaluator] Did not receive valid predictions.")
             return {}
@@ -614,6 +663,8 @@ class V3DetEvaluator(DatasetEvaluator):
         )
         logger.info(f"V3Det-style evaluation took {time.perf_counter() - t0:.1f} s")
         results = self._derive_results(res)
+        if rankings:
+            results.update(selector_recall(gt, rankings))
         if self._class_agnostic:
             results.update(class_agnostic_ap(gt, dt, self._max_dets))
         if self._output_dir:  # the numbers next to the predictions, for scripts

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from cqdino.layers import contrastive_logits
 
-from ..dino.heads import ClassHead, ClassHeadState
+from ..dino.heads import STAT_PREFIX, ClassHead, ClassHeadState
 from ..dino.neck import level_masks
 from .category_queries import BagOfWordsEncoder, CategoryQueries, CategorySelfAttention
 from .selection_loss import SelectionLoss, image_level_targets
@@ -65,6 +65,7 @@ class ContrastiveClassHead(ClassHead):
         force_gt: bool = False,
         prior_prob: float = 0.01,
         test_topk: Optional[int] = None,
+        dense_loss_weight: float = 0.0,
     ):
         """
         Args:
@@ -84,8 +85,21 @@ class ContrastiveClassHead(ClassHead):
             test_topk: K at inference (default: the training K). A larger K at inference
                 lets the detector name categories the selector ranked just below the
                 training K (the columns are contrastive, so any K works).
+            dense_loss_weight: weight of ``loss_select_dense`` (needs a ``"dense"`` score form
+                of the selector): each location of the selector's feature map is a positive
+                for the categories of the GT boxes holding its centre (and a box's centre
+                cell for its category), a negative for every other category; sigmoid focal
+                loss over ``[B, C, H * W]``, normalised by the number of boxes. Box-level
+                supervision of the map whose maximum scores a category: many positives per
+                box instead of one image-level label. 0 (off) in the recipe.
         """
         super().__init__()
+        if dense_loss_weight < 0 or (dense_loss_weight and selector.dense_query is None):
+            raise ValueError(
+                f"dense_loss_weight={dense_loss_weight} needs a weight >= 0 and a 'dense' "
+                f"score form of the selector (it is {selector.score_form!r})"
+            )
+        self.dense_loss_weight = float(dense_loss_weight)
         C = category_queries.num_categories
         if selector.query_dim != category_queries.norm.normalized_shape[0]:
             raise ValueError(
@@ -128,6 +142,7 @@ class ContrastiveClassHead(ClassHead):
         features: Dict[str, Tensor],
         image_sizes: List[tuple],
         gt_classes: Optional[List[Tensor]] = None,
+        gt_boxes: Optional[List[Tensor]] = None,
     ) -> ClassHeadState:
         """Select each image's top-K categories.
 
@@ -149,15 +164,37 @@ class ContrastiveClassHead(ClassHead):
                 force = targets
         k = self.test_topk if (gt_classes is None and not self.training) else None
         out = self.selector(self.category_queries(), x, mask, force=force, num_topk=k)
-        losses = {}
-        if targets is not None:
+        losses, ranking = {}, None
+        if targets is None:  # the selector's ranking beyond K, for ARC@{K/2, K, 2K}
+            ranking = out.scores.topk(min(2 * out.indices.shape[1], out.scores.shape[1])).indices
+        else:
+            # logged (not summed into the loss) by the trainer, as the losses are
+            losses[f"{STAT_PREFIX}select_recall"] = _unforced_recall(
+                out.scores, targets, out.indices.shape[1]
+            )
             ignore = self.ancestor_mask(targets) if self.ancestor_mask is not None else None
             # Summed over the images of a GPU batch of SELECTION_LOSS_IMAGES (the authors' 2
             # per GPU), whatever the per-process batch: sum / B * 2. Mean over DDP ranks then
             # equals one process with the same total batch.
             loss = self.selection_loss(out.scores, targets, ignore)
             losses["loss_select"] = loss * (SELECTION_LOSS_IMAGES / len(image_sizes))
-        return ClassHeadState(indices=out.indices, embeddings=out.tokens, losses=losses)
+            if self.dense_loss_weight and gt_boxes is not None:
+                logits = out.dense + self.selector.category_bias.to(out.dense.dtype)[:, None]
+                pos = dense_targets(
+                    gt_classes,
+                    gt_boxes,
+                    image_sizes,
+                    tuple(x.shape[-2:]),
+                    self.in_stride,
+                    self.num_categories,
+                )
+                valid = ~mask.flatten(1)  # (B, H * W)
+                loss = dense_focal_loss(logits, pos, valid)
+                num_boxes = max(sum(len(b) for b in gt_boxes), 1)
+                losses["loss_select_dense"] = self.dense_loss_weight * loss / num_boxes
+        return ClassHeadState(
+            indices=out.indices, embeddings=out.tokens, losses=losses, ranking=ranking
+        )
 
     def forward(self, hidden: Tensor, state: ClassHeadState, layer: Optional[int]) -> Tensor:
         """``hidden [B, Q, D]`` -> ``[B, Q, K]`` contrastive logits."""
@@ -174,6 +211,68 @@ class ContrastiveClassHead(ClassHead):
         table = indices.new_full((B, self.num_categories), -1)
         table.scatter_(1, indices, pos)
         return [table[b, g.to(indices.device).long()] for b, g in enumerate(gt_classes)]
+
+
+@torch.no_grad()
+def dense_targets(
+    gt_classes: List[Tensor],
+    gt_boxes: List[Tensor],
+    image_sizes: List[tuple],
+    shape: tuple,
+    stride: int,
+    num_categories: int,
+) -> Tensor:
+    """``[B, C, H * W]`` float targets of the dense selection loss: location ``(i, j)`` (centre
+    ``((j + 0.5) s, (i + 0.5) s)`` in pixels) is positive for the class of every GT box that
+    holds its centre, and the cell holding a box's centre is positive for its class.
+
+    ``gt_boxes``: per image ``[G, 4]`` cxcywh normalised by the image's valid ``(h, w)``."""
+    H, W = shape
+    device = gt_boxes[0].device if gt_boxes else None
+    out = torch.zeros(len(gt_classes), num_categories, H * W, device=device)
+    ys = (torch.arange(H, device=device, dtype=torch.float32) + 0.5) * stride
+    xs = (torch.arange(W, device=device, dtype=torch.float32) + 0.5) * stride
+    cy, cx = ys[:, None].expand(H, W).reshape(-1), xs[None, :].expand(H, W).reshape(-1)
+    for b, (cls, box) in enumerate(zip(gt_classes, gt_boxes)):
+        if len(box) == 0:
+            continue
+        h, w = image_sizes[b]
+        scale = box.new_tensor([w, h, w, h])
+        c = box.float() * scale  # (G, 4) pixels, cxcywh
+        x0, y0 = c[:, 0] - c[:, 2] / 2, c[:, 1] - c[:, 3] / 2
+        x1, y1 = c[:, 0] + c[:, 2] / 2, c[:, 1] + c[:, 3] / 2
+        inside = (
+            (cx >= x0[:, None]) & (cx <= x1[:, None]) & (cy >= y0[:, None]) & (cy <= y1[:, None])
+        )
+        centre = (c[:, 1] / stride).long().clamp(0, H - 1) * W + (c[:, 0] / stride).long().clamp(
+            0, W - 1
+        )
+        inside = inside.float().scatter(1, centre[:, None], 1.0)  # (G, H * W)
+        idx = cls.long().to(out.device)[:, None].expand_as(inside)
+        out[b].scatter_reduce_(0, idx, inside, reduce="amax")
+    return out
+
+
+def dense_focal_loss(
+    logits: Tensor, targets: Tensor, valid: Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
+    """Sigmoid focal loss (RetinaNet's) summed over ``[B, C, N]`` entries whose location is
+    ``valid [B, N]``."""
+    logits = logits.float()
+    p = logits.sigmoid()
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    a_t = alpha * targets + (1 - alpha) * (1 - targets)
+    loss = a_t * ce * (1 - p_t) ** gamma
+    return (loss * valid[:, None, :].to(loss.dtype)).sum()
+
+
+@torch.no_grad()
+def _unforced_recall(scores: Tensor, targets: Tensor, k: int) -> Tensor:
+    """The fraction of the batch's (image, GT category) pairs that the selector's own top-K
+    holds (before ``force_gt``), as a 0-dim tensor (no host sync)."""
+    hit = targets.gather(1, scores.topk(k, dim=1).indices).sum()
+    return hit / targets.sum().clamp(min=1)
 
 
 def load_category_tree(
@@ -225,6 +324,8 @@ def build_contrastive_class_head(
     selector_chunk_size: int = 2048,
     selector_checkpoint: bool = False,
     selector_query_skip: bool = False,
+    selector_score_form: str = "linear",
+    selector_prior: Optional[Sequence[float]] = None,
     relation: str = "tree",
     self_attn_heads: int = 8,
     tree_file: Optional[str] = None,
@@ -242,6 +343,7 @@ def build_contrastive_class_head(
     in_stride: int = 32,
     prior_prob: float = 0.01,
     test_topk: Optional[int] = None,
+    dense_loss_weight: float = 0.0,
 ) -> ContrastiveClassHead:
     """Build the head from plain values (the entry point of the yacs and LazyConfig configs).
 
@@ -255,7 +357,9 @@ def build_contrastive_class_head(
             512, 4 heads, FFN 3072, 2 layers); CPU configs use narrow values.
             ``selector_chunk_size``/``selector_checkpoint`` bound its memory at large C;
             ``selector_query_skip`` adds the projected category query to each token
-            (:class:`CategorySelector` ``query_skip``).
+            (:class:`CategorySelector` ``query_skip``); ``selector_score_form`` and
+            ``selector_prior`` (each category's fraction of training images, e.g.
+            ``L(category_image_fraction)(...)``) are the selector's ``score_form`` / ``prior``.
         relation: "tree" (V3Det: :class:`TreeAggregation` over ``tree_file``), "self_attn"
             (COCO: :class:`CategorySelfAttention`, ``self_attn_heads`` heads) or "none".
         tree_file: category tree json (V3Det layout), needed by "tree" and by ancestor masking.
@@ -273,7 +377,7 @@ def build_contrastive_class_head(
         selection_loss: "asl" (V3Det: ASL gamma- 7, clip 0.05, sum, weight 1) or "bce" (COCO:
             summed BCE, weight 0.1).
         selection_loss_weight: replaces the preset's weight (None: the preset's, 1 / 0.1).
-        force_gt, in_feature, in_stride, prior_prob, test_topk: see
+        force_gt, in_feature, in_stride, prior_prob, test_topk, dense_loss_weight: see
             :class:`ContrastiveClassHead`.
     """
     if relation not in _RELATIONS:
@@ -328,6 +432,9 @@ def build_contrastive_class_head(
         chunk_size=selector_chunk_size,
         checkpoint_chunks=selector_checkpoint,
         query_skip=selector_query_skip,
+        score_form=selector_score_form,
+        num_categories=num_categories,
+        prior=selector_prior,
     )
     sel_loss = _SELECTION_LOSSES[selection_loss]()
     if selection_loss_weight is not None:
@@ -343,4 +450,5 @@ def build_contrastive_class_head(
         force_gt=force_gt,
         prior_prob=prior_prob,
         test_topk=test_topk,
+        dense_loss_weight=dense_loss_weight,
     )

@@ -153,6 +153,17 @@ class CQDINO(DINO):
         ret["stage1_extra_trainable"] = list(c.STAGE1_EXTRA_TRAINABLE)
         return ret
 
+    def prepare_class_state(self, features, images, targets):
+        """The head's ``prepare`` with the GT boxes too (its dense selection loss uses them)."""
+        if targets is None:
+            return self.class_head.prepare(features, images.image_sizes)
+        return self.class_head.prepare(
+            features,
+            images.image_sizes,
+            [t["classes"] for t in targets],
+            gt_boxes=[t["boxes"] for t in targets],
+        )
+
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         """As :meth:`DINO.forward`; in training the loss dict also holds ``loss_select``. With
         ``stage1`` (training only) it is the only loss and the encoder/decoder are skipped."""

@@ -2,7 +2,8 @@
 backbone stage (2 layers of cross-attention + FFN, no self-attention), every category is scored
 per image, the top-K are kept and their rows projected to the detector width."""
 
-from typing import List, NamedTuple, Optional, Tuple
+import math
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,21 @@ from cqdino.layers.topk_gather import topk_category_gather
 
 from .fusion import MultiheadCrossAttention
 
-__all__ = ["CategorySelector", "SelectorOutput"]
+__all__ = ["CategorySelector", "SelectorOutput", "SCORE_FORMS"]
+
+SCORE_FORMS = ("linear", "bilinear", "dense", "dense+bilinear")
+
+
+def _prior_logits(num_categories: int, prior: Optional[Sequence[float]]) -> Tensor:
+    """``[C]`` logits of each category's image frequency (clamped to ``[1e-4, 0.5]``), or
+    zeros without a prior."""
+    if prior is None:
+        return torch.zeros(num_categories)
+    p = torch.as_tensor(list(prior), dtype=torch.float32)
+    if p.shape != (num_categories,):
+        raise ValueError(f"prior has {p.numel()} entries for {num_categories} categories")
+    p = p.clamp(1e-4, 0.5)
+    return torch.log(p) - torch.log1p(-p)
 
 
 class SelectorOutput(NamedTuple):
@@ -22,11 +37,14 @@ class SelectorOutput(NamedTuple):
     scores: ``[B, C]`` selection logits (input of the selection loss).
     indices: ``[B, K]`` int64 selected category indices, best first.
     tokens: ``[B, K, out_dim]`` projected selector outputs of the selected categories.
+    dense: ``[B, C, H * W]`` per-location logits of the ``"dense"`` score forms (before the
+        max over locations and without the per-category bias), else None.
     """
 
     scores: Tensor
     indices: Tensor
     tokens: Tensor
+    dense: Optional[Tensor] = None
 
 
 class _SelectorLayer(nn.Module):
@@ -79,6 +97,9 @@ class CategorySelector(nn.Module):
         chunk_size: int = 2048,
         checkpoint_chunks: bool = False,
         query_skip: bool = False,
+        score_form: str = "linear",
+        num_categories: Optional[int] = None,
+        prior: Optional[Sequence[float]] = None,
     ):
         """
         Args:
@@ -98,6 +119,22 @@ class CategorySelector(nn.Module):
                 image-conditioned selector output (where, early in training from scratch, the
                 image content dominates and the K tokens of an image are nearly parallel). Off
                 in the recipe (the authors project the selector output alone).
+            score_form: how a category is scored from the image:
+
+                * ``"linear"`` (the authors'): ``Linear(query_dim, 1)`` of the category's
+                  selector output ``x_c``;
+                * ``"bilinear"``: ``<W q_c, LN(x_c)> / sqrt(d) + b_c``: the output is read
+                  through the category's own query, so categories that attend to the same
+                  image content still score apart;
+                * ``"dense"``: ``max_n <W q_c, LN(m_n)> / sqrt(d) + b_c`` over the image
+                  tokens ``m_n`` (every location, not the pooled cross-attention output): a
+                  small object lights up its location, whatever the rest of the image holds;
+                * ``"dense+bilinear"``: the sum of the two image terms, plus ``b_c``.
+
+                ``b_c`` is a per-category bias (needs ``num_categories``), initialised at the
+                logit of ``prior`` (each category's fraction of training images) when given.
+            num_categories: C (the forms with a per-category bias).
+            prior: optional ``[C]`` fraction of training images holding each category.
         """
         super().__init__()
         if num_topk <= 0 or chunk_size <= 0:
@@ -115,7 +152,24 @@ class CategorySelector(nn.Module):
                 for _ in range(num_layers)
             ]
         )
-        self.score = nn.Linear(query_dim, 1)
+        if score_form not in SCORE_FORMS:
+            raise ValueError(f"score_form must be one of {SCORE_FORMS}, got {score_form!r}")
+        self.score_form = score_form
+        self.score = nn.Linear(query_dim, 1) if score_form == "linear" else None
+        self.score_query = self.score_norm = self.dense_query = self.dense_norm = None
+        self.category_bias = None
+        if score_form == "linear" and prior is not None:
+            raise ValueError("a category prior needs a score form with a per-category bias")
+        if score_form != "linear":
+            if num_categories is None:
+                raise ValueError(f"score_form={score_form!r} needs num_categories")
+            if "bilinear" in score_form:
+                self.score_query = nn.Linear(query_dim, query_dim, bias=False)
+                self.score_norm = nn.LayerNorm(query_dim)
+            if "dense" in score_form:
+                self.dense_query = nn.Linear(query_dim, memory_dim, bias=False)
+                self.dense_norm = nn.LayerNorm(memory_dim)
+            self.category_bias = nn.Parameter(_prior_logits(num_categories, prior))
         self.out_proj = nn.Linear(query_dim, out_dim)
         self.query_proj = nn.Linear(query_dim, out_dim) if query_skip else None
 
@@ -179,6 +233,36 @@ class CategorySelector(nn.Module):
                 outs.append(self._run_chunk(q, kv, valid))
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
+    def score_categories(
+        self,
+        queries: Tensor,
+        encoded: Tensor,
+        features: Tensor,
+        padding_mask: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Selection logits ``[B, C]`` of the ``score_form`` (constructor) from the queries
+        ``[C, query_dim]``, their selector outputs ``encoded [B, C, query_dim]`` and the image
+        ``features [B, Cin, H, W]``, and the dense forms' per-location logits
+        ``[B, C, H * W]`` (else None)."""
+        if self.score is not None:
+            return self.score(encoded).squeeze(-1), None
+        scores = self.category_bias.to(encoded.dtype).expand(encoded.shape[0], -1)
+        if self.score_query is not None:
+            w = self.score_query(queries)  # (C, D)
+            bil = torch.einsum("bcd,cd->bc", self.score_norm(encoded), w)
+            scores = scores + bil / math.sqrt(w.shape[-1])
+        if self.dense_query is not None:
+            memory, valid = self.image_tokens(features, padding_mask)  # (B, 1 + N, M)
+            m = self.dense_norm(memory[:, 1:])  # (B, N, M), the pooled token left out
+            w = self.dense_query(queries)  # (C, M)
+            sim = torch.einsum("bnm,cm->bcn", m, w) / math.sqrt(w.shape[-1])  # (B, C, N)
+            if valid is not None:
+                pooled = sim.masked_fill(~valid[:, None, 1:], float("-inf")).amax(-1)
+            else:
+                pooled = sim.amax(-1)
+            return scores + pooled, sim
+        return scores, None
+
     def forward(
         self,
         queries: Tensor,
@@ -202,10 +286,10 @@ class CategorySelector(nn.Module):
             ``tokens [B, K, out_dim]``, ``K = min(num_topk, C)``.
         """
         encoded = self.encode(queries, features, padding_mask)  # (B, C, D)
-        scores = self.score(encoded).squeeze(-1)  # (B, C)
+        scores, dense = self.score_categories(queries, encoded, features, padding_mask)
         k = min(self.num_topk if num_topk is None else num_topk, queries.shape[0])
         indices, selected = topk_category_gather(scores, encoded, k, force=force)
         tokens = self.out_proj(selected)
         if self.query_proj is not None:
             tokens = tokens + self.query_proj(queries[indices])  # (B, K, out_dim)
-        return SelectorOutput(scores, indices, tokens)
+        return SelectorOutput(scores, indices, tokens, dense)

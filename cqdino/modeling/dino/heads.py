@@ -53,6 +53,12 @@ from torch import Tensor, nn
 __all__ = ["ClassHeadState", "ClassHead", "LinearClassHead"]
 
 
+# Loss-dict entries named ``stat_*`` are statistics of the step (e.g. the selector's unforced
+# recall): logged by the trainer with the losses, in the same device-to-host transfer, never
+# summed into the loss.
+STAT_PREFIX = "stat_"
+
+
 @dataclass
 class ClassHeadState:
     """Per-batch classification state (all fields optional; DINO leaves them ``None``).
@@ -64,11 +70,14 @@ class ClassHeadState:
             (return a new state with :func:`dataclasses.replace`).
         losses: extra weighted losses of the head (CQ-DINO: the selection loss), merged into the
             meta-architecture's loss dict in training.
+        ranking: ``[B, R]`` int64 categories best first by the selector's score, at inference
+            (CQ-DINO: ``R = min(2K, C)``, for the selector's recall ``ARC@K``).
     """
 
     indices: Optional[Tensor] = None
     embeddings: Optional[Tensor] = None
     losses: Dict[str, Tensor] = field(default_factory=dict)
+    ranking: Optional[Tensor] = None
 
 
 class ClassHead(nn.Module):

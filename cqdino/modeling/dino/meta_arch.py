@@ -378,7 +378,7 @@ class DINO(nn.Module):
     ) -> List[Dict[str, Instances]]:
         """:meth:`select_detections`; boxes scaled to the input size, then to the requested
         output size with ``detector_postprocess``."""
-        boxes, scores, classes = self.select_detections(outputs, state)
+        boxes, scores, classes, queries = self.select_detections(outputs, state, with_queries=True)
         results = []
         for b, (h, w) in enumerate(images.image_sizes):
             inst = Instances((h, w))
@@ -386,21 +386,27 @@ class DINO(nn.Module):
             inst.pred_boxes = Boxes(boxes[b] * scale)
             inst.scores = scores[b]
             inst.pred_classes = classes[b]
+            inst.pred_query = queries[b]  # the object query behind each detection
             height = batched_inputs[b].get("height", h)
             width = batched_inputs[b].get("width", w)
-            results.append({"instances": detector_postprocess(inst, height, width)})
+            result = {"instances": detector_postprocess(inst, height, width)}
+            if state.ranking is not None:  # CQ-DINO: the selector's ranking, for ARC@K
+                result["category_ranking"] = state.ranking[b]
+                result["num_selected"] = state.indices.shape[1]
+            results.append(result)
         return results
 
     def select_detections(
-        self, outputs: Dict[str, Tensor], state: ClassHeadState
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+        self, outputs: Dict[str, Tensor], state: ClassHeadState, with_queries: bool = False
+    ) -> Tuple[Tensor, ...]:
         """Top ``select_box_nums_for_evaluation`` (query, column) pairs per image by sigmoid
         score, columns mapped to dataset classes by the class head. Tensors only (no loop over
         images: ``torch.export`` traces it as it is).
 
         Returns:
             ``boxes [B, k, 4]`` xyxy normalised to each image's valid size, ``scores [B, k]``
-            (descending), ``classes [B, k]`` int64, ``k = min(select_box_nums, Q * N_col)``.
+            (descending), ``classes [B, k]`` int64, ``k = min(select_box_nums, Q * N_col)``;
+            with ``with_queries`` also ``queries [B, k]`` int64, the object query of each.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]  # (B, Q, N), (B, Q, 4)
         _, Q, N = logits.shape
@@ -410,6 +416,8 @@ class DINO(nn.Module):
         query = torch.div(idx, N, rounding_mode="floor")
         classes = self.class_head.columns_to_classes(idx % N, state)
         boxes = box_cxcywh_to_xyxy(boxes.gather(1, query[..., None].expand(-1, -1, 4)))
+        if with_queries:
+            return boxes, scores, classes, query
         return boxes, scores, classes
 
 
