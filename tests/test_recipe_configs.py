@@ -70,6 +70,14 @@ RECIPES = {
     "v3det_swinb": Recipe("v3det", "CQDINO", "swin_b", head=V3DET_HEAD, **V3DET_24EP),
     "v3det_swinl": Recipe("v3det", "CQDINO", "swin_l", head=V3DET_HEAD, **V3DET_24EP),
     "dino_v3det": Recipe("v3det", "DINO", "R50", repeat_threshold=1e-3, **V3DET_24EP),
+    # stage 1 of the two-stage recipes (the selector alone): 10 epochs, step at 8 / 6 epochs,
+    # step at 5
+    "v3det_stage1": Recipe(
+        "v3det", "CQDINO", "R50", head=V3DET_HEAD, epochs=10, milestone_epochs=(8,), batch=16
+    ),
+    "coco_stage1": Recipe(
+        "coco", "CQDINO", "R50", head=COCO_HEAD, epochs=6, milestone_epochs=(5,), batch=16
+    ),
     "coco": Recipe("coco", "CQDINO", "R50", head=COCO_HEAD, **COCO_12EP),
     "coco_swinl": Recipe("coco", "CQDINO", "swin_l", head=COCO_HEAD, **COCO_12EP),
     "dino_coco": Recipe("coco", "DINO", "R50", **COCO_12EP),

@@ -308,7 +308,8 @@ def test_stage1_trains_only_the_category_modules(extra):
     losses = model(batch([(64, 96, 2), (64, 64, 1)], C))
     moved = [not torch.equal(m.running_mean, s) for m, s in zip(bns, stats)]
     assert all(moved) if extra else not any(moved)
-    assert set(losses) == {"loss_select"} and not calls  # encoder/decoder skipped
+    # the selection loss and its logged statistic; encoder/decoder skipped
+    assert set(losses) == {"loss_select", "stat_select_recall"} and not calls
     losses["loss_select"].backward()
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     prefixes = ("class_head.category_queries.", "class_head.selector.") + tuple(
