@@ -96,6 +96,7 @@ def diagnostics(output_dir: Path) -> str:
         attribute_accuracy,
         boxes_per_category,
         load_predictions,
+        selector_baselines,
     )
 
     data = _datasets_root() / "synthetic_vocab"
@@ -114,6 +115,24 @@ def diagnostics(output_dir: Path) -> str:
             f", shape {acc['shape']:.1f}%, colour {acc['colour']:.1f}%, texture "
             f"{acc['texture']:.1f}%, border {acc['border']:.1f}%"
         )
+    results = output_dir / "inference" / "results.json"
+    if results.is_file():
+        bbox = json.loads(results.read_text()).get("bbox", {})
+        arc = {k: v for k, v in bbox.items() if k.startswith("ARC@")}
+        for key, value in arc.items():
+            k = int(key.split("@")[1])
+            base = selector_baselines(
+                str(data / "annotations" / "synthetic_vocab_train.json"),
+                str(data / "annotations" / "synthetic_vocab_val.json"),
+                k,
+            )
+            lines.append(
+                f"[demo] the selector keeps {value:.1f}% of the val images' GT categories in its "
+                f"top-{k} ({key}; recall@{k // 2} {bbox.get(f'recall@{k // 2}', float('nan')):.1f}"
+                f"%, recall@{2 * k} {bbox.get(f'recall@{2 * k}', float('nan')):.1f}%); a constant "
+                f"top-{k} of the most frequent training categories keeps {base['prior']:.1f}%, "
+                f"a random one {base['random']:.1f}%"
+            )
     bpc = boxes_per_category(str(data / "annotations" / "synthetic_vocab_train.json"))
     lines.append(
         f"[demo] training data: {bpc['boxes']} boxes over {bpc['categories']} categories; "

@@ -19,6 +19,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = [
+    "selector_baselines",
     "attribute_accuracy",
     "boxes_per_category",
     "linear_probe",
@@ -108,6 +109,30 @@ def attribute_accuracy(
     for k, name in enumerate(ATTRIBUTES):
         out[name] = 100.0 * attr_right[k] / attr_total[k] if attr_total[k] else float("nan")
     return out
+
+
+def selector_baselines(train_json: str, val_json: str, k: int) -> Dict[str, float]:
+    """What a selector that ignores the image keeps of the val images' GT categories (in %):
+    ``prior``, a constant top-``k`` of the categories in most training images, and ``random``,
+    the expected recall of ``k`` categories drawn at random (``k / C``). The bars a trained
+    selector's ARC@k must clear."""
+    with open(train_json, encoding="utf-8") as f:
+        train = json.load(f)
+    with open(val_json, encoding="utf-8") as f:
+        val = json.load(f)
+    ids = sorted(c["id"] for c in train["categories"])
+    images = {}
+    for a in train["annotations"]:
+        images.setdefault(a["category_id"], set()).add(a["image_id"])
+    # most training images first; ties by category id (deterministic)
+    ranked = sorted(ids, key=lambda c: (-len(images.get(c, ())), c))
+    top = set(ranked[:k])
+    pairs = {(a["image_id"], a["category_id"]) for a in val["annotations"]}
+    hit = sum(c in top for _, c in pairs)
+    return {
+        "prior": 100.0 * hit / max(len(pairs), 1),
+        "random": 100.0 * min(k, len(ids)) / max(len(ids), 1),
+    }
 
 
 def boxes_per_category(json_file: str) -> Dict[str, float]:

@@ -103,3 +103,26 @@ def test_linear_probe_rejects_mismatched_shapes():
         linear_probe(np.zeros((3, 2)), np.zeros(3), np.zeros((3, 4)), np.zeros(3))
     with pytest.raises(ValueError, match="linear_probe"):
         linear_probe(np.zeros((3, 2)), np.zeros(2), np.zeros((3, 2)), np.zeros(3))
+
+
+def test_selector_baselines_hand_computed(tmp_path):
+    from cqdino.evaluation.diagnostics import selector_baselines
+
+    cats = [dict(id=i, name=str(i)) for i in (1, 2, 3, 4)]
+    # training images per category: 1 -> 3 images (4 boxes), 2 -> 2, 3 -> 1, 4 -> 0
+    train = [(10, 1), (10, 1), (11, 1), (12, 1), (10, 2), (11, 2), (13, 3)]
+    # val (image, category) pairs: (20, 1), (20, 3), (21, 2), (21, 4); box 2 repeats (20, 1)
+    val = [(20, 1), (20, 1), (20, 3), (21, 2), (21, 4)]
+    for name, rows in (("train", train), ("val", val)):
+        anns = [
+            dict(id=i, image_id=im, category_id=c, bbox=[0, 0, 1, 1])
+            for i, (im, c) in enumerate(rows)
+        ]
+        (tmp_path / f"{name}.json").write_text(
+            json.dumps(dict(images=[], annotations=anns, categories=cats))
+        )
+    train_json, val_json = str(tmp_path / "train.json"), str(tmp_path / "val.json")
+    # top-1 = {1}: 1 of 4 pairs; top-2 = {1, 2}: 2 of 4; top-3 = {1, 2, 3}: 3 of 4
+    for k, prior in ((1, 25.0), (2, 50.0), (3, 75.0), (4, 100.0)):
+        got = selector_baselines(train_json, val_json, k)
+        assert got == {"prior": pytest.approx(prior), "random": pytest.approx(100.0 * k / 4)}
