@@ -222,7 +222,7 @@ def plot(rows: List[Dict], summary: List[Dict], path: Path, overwrite: bool = Fa
     plt.close(fig)
 
 
-def selector_recall(
+def measure_arc(
     root: Path, out: Path, overrides: List[str], config: Optional[Path] = None
 ) -> float:
     """ARC: the fraction of (val image, GT category) pairs whose category is in the image's
@@ -268,7 +268,7 @@ def run_arc(run: Path, root: Path, topk: int) -> float:
         raise SystemExit(f"--arc {run}: not a CQ-DINO run (ARC is the selector's recall)")
     if dest.exists():
         raise SystemExit(f"--arc {run}: {dest} exists; remove it to measure again")
-    arc = selector_recall(root, run, [f"model.class_head.test_topk={topk}"], run / "config.yaml")
+    arc = measure_arc(root, run, [f"model.class_head.test_topk={topk}"], run / "config.yaml")
     text = json.dumps({"ARC": arc, "topk": topk})
     try:  # overwrite=False: not even an arc.json that appeared during the measurement
         atomic_write(str(dest), lambda f: f.write(text), mode="w", overwrite=False)
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
                 row = {"categories": c, "head": head, "seed": seed}
                 row.update(train_and_eval(head, root, out, over, args.threads))
                 if head == "CQ-DINO":
-                    row["ARC"] = selector_recall(root, out, over)
+                    row["ARC"] = measure_arc(root, out, over)
                 row["seconds"] = time.perf_counter() - t
                 rows.append(row)
                 print(json.dumps(row), flush=True)
