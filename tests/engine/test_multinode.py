@@ -151,7 +151,9 @@ def test_two_machines_node_dies_then_resume(one_machine, tiny_datasets, tmp_path
     node0, node1 = _two_machines(tiny_datasets, args, harness0=["kill_after_save", "1"])
     assert node0[0] == -9, node0[1][-4000:]
     assert node1[0] not in (0, -9), node1[1][-4000:]
-    assert node1[2] - node0[2] < TIMEOUT  # stopped within the timeout of node 0's death
+    # stopped soon after node 0's death (at its next collective; loose for a loaded machine),
+    # not after detectron2's 30-minute default
+    assert node1[2] - node0[2] < 300
     last = node1[1].strip().splitlines()[-1]
     assert last.startswith("error: rank 1 of 2 lost contact with the other processes ("), last
     assert "another node or process stopped or hung" in last and "Traceback" not in node1[1]
