@@ -125,7 +125,7 @@ class Taps:
     """Keeps, for one forward/backward, each prediction set's logits (gradient retained), their
     positive entries and the loss they enter, through the library's observers
     (:meth:`SetCriterion.observe`, :meth:`DINO.observe_class_state`) and a forward hook on
-    CQ-DINO's selector score layer; :meth:`close` removes them."""
+    CQ-DINO's selector (its scores); :meth:`close` removes them."""
 
     def __init__(self, model):
         self.model = model
@@ -136,8 +136,8 @@ class Taps:
         self._stack.enter_context(model.criterion.observe(self._loss_set))
         self._stack.enter_context(model.observe_class_state(self._class_state))
         selector = getattr(model.class_head, "selector", None)
-        if selector is not None:
-            hook = selector.score.register_forward_hook(self._score)
+        if selector is not None:  # its output's scores [B, C] enter the selection loss
+            hook = selector.register_forward_hook(self._score)
             self._stack.callback(hook.remove)
 
     def _loss_set(self, pred_logits, targets, indices, num_boxes, quality):
@@ -158,8 +158,9 @@ class Taps:
         self.state = state
 
     def _score(self, module, inputs, output):
-        output.retain_grad()
-        self.scores.append(output)
+        if output.scores.requires_grad:
+            output.scores.retain_grad()
+        self.scores.append(output.scores)
 
     def clear(self):
         self.sets, self.state, self.scores = [], None, []
@@ -268,7 +269,7 @@ def measure(model, batches, num_categories: int) -> Dict[str, dict]:
                     err = max(err, float((grad.double().cpu() - ref.cpu()).abs().max()))
                     scale = max(scale, float(ref.abs().max()))
             if taps.scores:
-                g = taps.scores[0].grad.detach().squeeze(-1).abs().double().cpu()  # (B, C)
+                g = taps.scores[0].grad.detach().abs().double().cpu()  # (B, C)
                 present = torch.zeros_like(g, dtype=torch.bool)
                 for b, x in enumerate(batch):
                     present[b, x["instances"].gt_classes] = True

@@ -243,10 +243,7 @@ class DINO(nn.Module):
     ) -> ClassHeadState:
         """Per-batch classification state, before the encoder (CQ-DINO: category selection)."""
         gt_classes = [t["classes"] for t in targets] if targets is not None else None
-        state = self.class_head.prepare(features, images.image_sizes, gt_classes)
-        for fn in self._class_state_observers:
-            fn(state)
-        return state
+        return self.class_head.prepare(features, images.image_sizes, gt_classes)
 
     @contextmanager
     def observe_class_state(self, fn: Callable[[ClassHeadState], None]) -> Iterator[None]:
@@ -280,6 +277,8 @@ class DINO(nn.Module):
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             features = self.backbone(images.tensor)
         state = self.prepare_class_state(features, images, targets)
+        for fn in self._class_state_observers:  # after any subclass's prepare_class_state
+            fn(state)
         return images, targets, features, state
 
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
