@@ -294,7 +294,13 @@ def _check_instances(out, sizes, num_classes):
 
     assert isinstance(out, list) and len(out) == len(sizes)
     for o, (h, w) in zip(out, sizes):
-        assert set(o) == {"instances"}
+        # CQ-DINO also returns its selector's ranking (for ARC@K): K columns, 2K ranked
+        assert set(o) in ({"instances"}, {"instances", "category_ranking", "num_selected"})
+        if "category_ranking" in o:
+            ranking, k = o["category_ranking"], o["num_selected"]
+            assert ranking.shape == (min(2 * k, num_classes),) and len(
+                set(ranking.tolist())
+            ) == len(ranking)
         inst = o["instances"]
         assert isinstance(inst, Instances) and inst.image_size == (h, w)
         assert len(inst) > 0
