@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _recipe_block() -> str:
     text = (ROOT / "docs" / "using_cqdino.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```python[^\n]*\n(.*?)```", text, flags=re.S)
     return next(b for b in blocks if "class Trainer(DefaultTrainer)" in b)
 
 

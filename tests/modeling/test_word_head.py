@@ -92,7 +92,8 @@ def test_training_step_with_word_head_keys_and_every_parameter_gets_a_gradient(g
     model.eval()
     with torch.no_grad():
         out = model(batch([(64, 96, 0)], C))
-    assert set(out[0]["instances"].get_fields()) == {"pred_boxes", "scores", "pred_classes"}
+    fields = {"pred_boxes", "scores", "pred_classes", "pred_query"}
+    assert set(out[0]["instances"].get_fields()) == fields
 
 
 def test_column_log_probs_is_the_posterior_of_the_independent_word_model(rng_seed):
