@@ -89,7 +89,7 @@ class ContrastiveClassHead(ClassHead):
                 of the selector): each location of the selector's feature map is a positive
                 for the categories of the GT boxes holding its centre (and a box's centre
                 cell for its category), a negative for every other category; sigmoid focal
-                loss over ``[B, C, H * W]``, normalised by the number of boxes. Box-level
+                loss over ``[B, C, H * W]``, divided by the number of images. Box-level
                 supervision of the map whose maximum scores a category: many positives per
                 box instead of one image-level label. 0 (off) in the recipe.
         """
@@ -190,8 +190,8 @@ class ContrastiveClassHead(ClassHead):
                 )
                 valid = ~mask.flatten(1)  # (B, H * W)
                 loss = dense_focal_loss(logits, pos, valid)
-                num_boxes = max(sum(len(b) for b in gt_boxes), 1)
-                losses["loss_select_dense"] = self.dense_loss_weight * loss / num_boxes
+                # per image, as loss_select: the mean over DDP ranks equals one process
+                losses["loss_select_dense"] = self.dense_loss_weight * loss / len(image_sizes)
         return ClassHeadState(
             indices=out.indices, embeddings=out.tokens, losses=losses, ranking=ranking
         )
