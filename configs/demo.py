@@ -45,7 +45,7 @@ from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 
 from cqdino.data import category_tree_file
-from cqdino.data.build import dataset_class_names
+from cqdino.data.build import category_words
 from cqdino.data.priors import category_image_fraction
 from cqdino.modeling import NameWordHead
 
@@ -57,39 +57,45 @@ from .common.train import lr_multiplier, train
 EMBED = 128
 
 
-def name_words(model, dataloader, on: bool = True) -> None:
-    """The demo's name-word levers, switched together: on in this demo, off in a config derived
-    from it for a dataset whose category names share no words (``name_words(model, dataloader,
-    False)``, as ``custom_coco_small.py`` does). Each needs from the dataset:
+def name_words(model, dataloader, on: bool = True, tree: bool = False) -> None:
+    """The demo's word levers, switched together: the words of the category names (``on``)
+    and the nodes of the category tree (``tree``). Name words are on in this demo and off in a
+    config derived from it for a dataset whose category names share no words
+    (``name_words(model, dataloader, False)``, as ``custom_coco_small.py`` does); tree words
+    need only the dataset's category tree, so they apply to any name style (V3Det's names
+    share few words, its tree is deep). Each lever needs from the dataset:
 
-    * ``class_head.compositional_queries`` with ``class_head.category_names``: the training
-      dataset's class names (``thing_classes``, or the categories of its COCO json), many of
-      them built from words shared across categories ("red dotted star"): each category's query
-      is the mean of learnable vectors of its name's words (the offline stand-in for text
-      embeddings), so names that share no word gain nothing over a free query per category;
+    * ``class_head.compositional_queries`` with ``class_head.category_names``: each
+      category's words (:func:`~cqdino.data.build.category_words`): the words of its name
+      (many shared across categories: "red dotted star") and/or one token per tree node above
+      it; its query is the mean of learnable vectors of those words (the offline stand-in for
+      text embeddings), so a rare category starts from what its words and ancestors learnt
+      elsewhere; names that share no word and no tree gain nothing over a free query;
     * ``class_head.selector_query_skip``: nothing; it adds each category's projected query to
       the selector's tokens, which compositional queries need (shared word vectors made the
       tokens nearly parallel: docs/evidence.md, "The demo recipe");
     * ``model.word_head`` (:class:`~cqdino.modeling.NameWordHead`) and
-      ``criterion.loss_word_weight`` 0.5: the same names; every matched query also predicts
-      the words of its GT's name, which teaches more than the class label only when a word is
-      shared by many categories;
+      ``criterion.loss_word_weight`` 0.5: the same words; every matched query also predicts
+      its GT's words (with the tree: the box is a positive for every ancestor), which teaches
+      more than the class label only when a word is shared by many categories;
     * ``model.word_score_weight`` 1.0: the word head (its log-posterior over the columns is
-      added to the logits at inference);
+      added to the logits at inference; with the tree, a coarse-to-fine score);
     * ``dataloader.evaluator.class_agnostic``: the V3Det-style evaluator (a dataset with
       ``evaluator_type="v3det"``); detectron2's ``COCOEvaluator`` has no class-agnostic AP.
 
-    Off: free category queries (``init_embeddings`` or random), no word head or word loss, no
-    word scores, per-category AP only. Set in place, at load time: a config derived from this
-    one calls it after importing ``model`` and ``dataloader``."""
+    Both off: free category queries (``init_embeddings`` or random), no word head or word
+    loss, no word scores, per-category AP only. Set in place, at load time: a config derived
+    from this one calls it after importing ``model`` and ``dataloader``."""
     head = model.class_head
-    if on:
+    words = on or tree
+    if words:
         head.init_embeddings = None
         head.compositional_queries = True
-        head.category_names = L(dataset_class_names)(
+        head.category_names = L(category_words)(
             dataset_name="${dataloader.train.dataset.names}",
             num_classes="${..num_categories}",
-            required=True,
+            names=on,
+            tree=tree,
         )
         head.selector_query_skip = True
         model.word_head = L(NameWordHead)(
@@ -100,9 +106,9 @@ def name_words(model, dataloader, on: bool = True) -> None:
         head.category_names = None
         head.selector_query_skip = False
         model.word_head = None
-    model.criterion.loss_word_weight = 0.5 if on else 0.0
-    model.word_score_weight = 1.0 if on else 0.0
-    dataloader.evaluator.class_agnostic = on
+    model.criterion.loss_word_weight = 0.5 if words else 0.0
+    model.word_score_weight = 1.0 if words else 0.0
+    dataloader.evaluator.class_agnostic = words
 
 
 # R18 at quarter width; the transformer reads res4, res5 and one extra level (strides 16-64)

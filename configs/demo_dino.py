@@ -6,7 +6,7 @@ like-for-like comparisons (``tools/compare_heads.py``)."""
 
 from detectron2.config import LazyCall as L
 
-from cqdino.data.build import dataset_class_names
+from cqdino.data.build import category_words
 from cqdino.modeling import DINO
 
 from .common.models.dino_r50 import model as _dino
@@ -19,8 +19,11 @@ model._target_ = DINO
 model.class_head = _dino.class_head
 model.class_head.num_classes = 1000
 model.class_head.embed_dim = EMBED
-model.word_head.category_names = L(dataset_class_names)(
-    dataset_name="${dataloader.train.dataset.names}", num_classes="${model.class_head.num_classes}"
+model.word_head.category_names = L(category_words)(  # the demo's words (names; tree off)
+    dataset_name="${dataloader.train.dataset.names}",
+    num_classes="${model.class_head.num_classes}",
+    names=True,
+    tree=False,
 )
 for key in ("stage1", "stage1_extra_trainable"):
     model.pop(key)

@@ -83,7 +83,12 @@ def deployment_info(cfg, model, checkpoint: str = "") -> Dict[str, Any]:
         if saved is not None and len(saved) == num_classes:
             names, source = [str(n) for n in saved], f"checkpoint {checkpoint}"
     own = getattr(model.class_head, "category_names", None)
-    if names is None and own is not None and len(own) == num_classes:
+    if (
+        names is None
+        and own is not None
+        and len(own) == num_classes
+        and all(isinstance(n, str) for n in own)  # not token lists (category_words)
+    ):
         names, source = [str(n) for n in own], "model.class_head.category_names"
     dataloader = cfg.get("dataloader") if hasattr(cfg, "get") else None
     if names is None and dataloader is not None and "train" in dataloader:

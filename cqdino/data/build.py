@@ -54,6 +54,7 @@ __all__ = [
     "build_train_loader",
     "build_test_loader",
     "dataset_class_names",
+    "category_words",
     "register_config_datasets",
 ]
 
@@ -356,3 +357,66 @@ def _metadata_class_names(dataset_name: str, required: bool) -> Optional[List[st
         f"nor a COCO json_file to read them from (set MetadataCatalog.get({dataset_name!r})"
         ".thing_classes when registering it)"
     )
+
+
+TREE_TOKEN_PREFIX = "tree:"
+
+
+def category_words(
+    dataset_name: str,
+    num_classes: int,
+    names: bool = True,
+    tree: bool = True,
+) -> List[List[str]]:
+    """Each category's words for the compositional category queries and the word head
+    (``model.class_head.category_names``, ``model.word_head.category_names``): the words of
+    its name and/or the nodes of the category tree above it.
+
+    With ``tree``, category c's words include one token per *ancestor* node of c in the
+    dataset's tree (``metadata.category_tree_file``; V3Det's tree, the synthetic one), so a
+    node's vector is trained by the boxes of every category below it: a parent learns from
+    all its children's boxes, a rare leaf starts from what its ancestors learnt, and the word
+    head's targets make every box a positive for its ancestors. Nodes above every category
+    (the root) carry nothing and are left out. Without ``names`` each category also gets its
+    own node's token (its free vector). Tree tokens are ``"tree:<node id>"`` and never split,
+    so node ids cannot leak words into the vocabulary.
+
+    Args:
+        dataset_name: the training dataset (its class names and tree).
+        num_classes: C of the model (checked against the dataset).
+        names: the words of the category names (:func:`cqdino.utils.text.name_words`).
+        tree: the tree's ancestor nodes.
+    Returns:
+        C token lists in contiguous order.
+    """
+    if not (names or tree):
+        raise ValueError("category_words: names and tree are both off (no words)")
+    from cqdino.utils.text import name_words
+
+    from .datasets import category_tree_file
+    from .hierarchy import CategoryTree
+
+    class_names = dataset_class_names(dataset_name, num_classes, required=True)
+    words: List[List[str]] = [name_words(n) if names else [] for n in class_names]
+    if not tree:
+        return words
+    path = category_tree_file(dataset_name)
+    meta = MetadataCatalog.get(dataset_name)
+    id_map = meta.get("thing_dataset_id_to_contiguous_id", None)
+    ids = sorted(id_map, key=id_map.get) if id_map else None
+    try:
+        hierarchy = CategoryTree.from_v3det_json(path, ids)
+    except ValueError as e:
+        raise InputError(f"dataset {dataset_name!r}: {e}") from None
+    if hierarchy.num_categories != num_classes:
+        raise InputError(
+            f"category tree {path} of dataset {dataset_name!r} has {hierarchy.num_categories} "
+            f"categories, the model has {num_classes}"
+        )
+    ancestors = [hierarchy.ancestors(c) for c in hierarchy.category_ids]
+    everywhere = set.intersection(*(set(a) for a in ancestors)) if ancestors else set()
+    for c, (cid, nodes) in enumerate(zip(hierarchy.category_ids, ancestors)):
+        own = [] if names else [hierarchy.node(cid)]
+        words[c] += [f"{TREE_TOKEN_PREFIX}{n}" for n in nodes if n not in everywhere]
+        words[c] += [f"{TREE_TOKEN_PREFIX}{n}" for n in own]
+    return words

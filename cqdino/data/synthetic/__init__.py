@@ -73,6 +73,8 @@ __all__ = [
     "read_meta",
     "category_quotas",
     "category_attributes",
+    "opaque_tokens",
+    "NAME_STYLES",
     "main",
     "WorkerError",
 ]
@@ -121,6 +123,8 @@ NUM_COMBINATIONS = len(SHAPES) * len(COLOURS) * len(TEXTURES) * len(BORDERS)  # 
 MAX_CATEGORIES = len(SHAPES) + NUM_COMBINATIONS
 CATEGORY_RANGE = f"{len(SHAPES) + 1}..{MAX_CATEGORIES}"  # as --help and the errors say it
 
+NAME_STYLES = ("descriptive", "opaque")
+
 DEMO_CONFIG = dict(
     num_categories=1000,
     num_train_images=4000,
@@ -128,6 +132,7 @@ DEMO_CONFIG = dict(
     image_size=(256, 320),
     seed=0,
     image_seed=0,
+    names="descriptive",
 )
 
 
@@ -139,15 +144,47 @@ def _leaf_combinations(num_leaves: int, seed: int) -> List[Tuple[int, int, int, 
     return [tuple(int(x) for x in np.unravel_index(i, dims)) for i in chosen]
 
 
-def vocabulary(num_categories: int = 1000, seed: int = 0) -> List[dict]:
+_SYLLABLE_ONSETS = "bdfgklmnprstvz"
+_SYLLABLE_VOWELS = "aeiou"
+
+
+def opaque_tokens(num: int, seed: int, stream: int = 7) -> List[str]:
+    """``num`` distinct made-up lower-case tokens (three consonant-vowel syllables, e.g.
+    ``"kotavu"``), seeded (``stream`` draws another list): opaque names that share no word
+    with each other or with the descriptive names (no attribute, shape or colour word)."""
+    rng = np.random.default_rng([seed, stream])
+    syllables = [c + v for c in _SYLLABLE_ONSETS for v in _SYLLABLE_VOWELS]  # 70
+    # 70^3 = 343,000 tokens; draw without replacement so every token is unique
+    picks = rng.choice(len(syllables) ** 3, size=num, replace=False)
+    out = []
+    for p in picks:
+        a, rest = divmod(int(p), len(syllables) ** 2)
+        b, c = divmod(rest, len(syllables))
+        out.append(syllables[a] + syllables[b] + syllables[c])
+    return out
+
+
+def _check_names(names: str) -> None:
+    if names not in NAME_STYLES:
+        raise ValueError(f"names must be one of {NAME_STYLES}, got {names!r}")
+
+
+def vocabulary(num_categories: int = 1000, seed: int = 0, names: str = "descriptive") -> List[dict]:
     """The category list (without generating images).
 
+    Args:
+        num_categories: C.
+        seed: which combinations are categories.
+        names: "descriptive" names spell the appearance ("red dotted star with thin dark
+            border"); "opaque" gives every category a unique made-up token (``opaque_tokens``;
+            the categories, their tree and their images are the same).
     Returns:
-        list of dicts ``{"id", "name", "node", "parent_node", "combo"}`` for ids 1..C: first the
-        12 shape categories (combo None), then the leaf categories.
+        list of dicts ``{"id", "name", "node", "combo"}`` for ids 1..C: first the 12 shape
+        categories (combo None), then the leaf categories.
     """
     if not len(SHAPES) < num_categories <= MAX_CATEGORIES:
         raise ValueError(f"num_categories must be in {CATEGORY_RANGE}, got {num_categories}")
+    _check_names(names)
     cats = []
     for s, shape in enumerate(SHAPES):
         cats.append(dict(id=s + 1, name=shape, node=f"syn.{shape}", combo=None))
@@ -159,6 +196,9 @@ def vocabulary(num_categories: int = 1000, seed: int = 0) -> List[dict]:
             name += f" with {BORDERS[b][0]}"
         node = f"syn.{SHAPES[s]}.{colours[c]}.{TEXTURES[t]}.b{b}"
         cats.append(dict(id=len(cats) + 1, name=name, node=node, combo=combo))
+    if names == "opaque":
+        for cat, token in zip(cats, opaque_tokens(len(cats), seed)):
+            cat["name"] = token
     return cats
 
 
@@ -172,8 +212,13 @@ def category_attributes(num_categories: int = 1000, seed: int = 0) -> Dict[int, 
     return out
 
 
-def category_tree_dict(cats: List[dict]) -> dict:
-    """The category tree of :func:`vocabulary` in the V3Det tree-json layout."""
+def category_tree_dict(cats: List[dict], opaque_seed: Optional[int] = None) -> dict:
+    """The category tree of :func:`vocabulary` in the V3Det tree-json layout.
+
+    Nodes that are categories carry the category's name; with ``opaque_seed`` (the vocabulary
+    seed of opaque names) the other nodes (root, families, shape+colour) get made-up tokens
+    too, distinct from the categories'. Only ``id2name`` depends on it: the nodes and edges
+    are the same."""
     colours = list(COLOURS)
     parent: Dict[str, List[str]] = {"syn.object": []}
     names = {"syn.object": "object"}
@@ -194,6 +239,16 @@ def category_tree_dict(cats: List[dict]) -> dict:
             names[mid] = f"{colours[c]} {SHAPES[s]}"
         parent[cat["node"]] = [mid]
         names[cat["node"]] = cat["name"]
+    for cat in cats:
+        names[cat["node"]] = cat["name"]
+    if opaque_seed is not None:
+        taken = {c["name"] for c in cats}
+        others = [n for n in names if n not in {c["node"] for c in cats}]
+        pool = [
+            t for t in opaque_tokens(len(others) + len(taken), opaque_seed, 8) if t not in taken
+        ]
+        for node, token in zip(others, pool):
+            names[node] = token
     children: Dict[str, List[str]] = {}
     for node, ps in parent.items():
         for p in ps:
@@ -643,6 +698,7 @@ def generate(
     splits: Sequence[str] = ("train", "val"),
     overwrite: bool = False,
     workers: Optional[int] = None,
+    names: str = "descriptive",
 ) -> str:
     """Generate the dataset into ``out_dir`` (atomically: temp folder, then rename).
 
@@ -674,6 +730,10 @@ def generate(
             so the output is the same, byte for byte, for any number of workers. Workers end
             when this process dies; a script read from standard input (which spawned workers
             cannot import) renders in this process.
+        names: "descriptive" (names spell the appearance) or "opaque" (a unique made-up token
+            per category and tree node): only the names differ (``category_names.txt``, the
+            json's ``categories`` and the tree's ``id2name``); images, boxes and the tree's
+            nodes and edges are the same byte for byte.
     Returns:
         ``out_dir``.
     Raises:
@@ -705,10 +765,11 @@ def generate(
         isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
     ):
         raise ValueError(f"workers must be an integer >= 1 or None, got {workers!r}")
+    _check_names(names)
     splits = list(splits)
     if not splits or any(sp not in ("train", "val") for sp in splits):
         raise ValueError(f"splits must be a non-empty subset of ('train', 'val'), got {splits}")
-    cats = vocabulary(num_categories, seed)
+    cats = vocabulary(num_categories, seed, names)
     leaves = [c for c in cats if c["combo"] is not None]
     probs = _zipf_probs(len(leaves), zipf_alpha, seed)
     params = dict(
@@ -726,6 +787,7 @@ def generate(
         min_train_objects=min_train_objects,
         image_seed=image_seed,
         splits=splits,
+        names=names,
     )
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -774,7 +836,7 @@ def generate(
             with open(os.path.join(tmp, "annotations", f"synthetic_vocab_{split}.json"), "w") as f:
                 json.dump(dict(images=images, annotations=annotations, categories=categories), f)
         with open(os.path.join(tmp, "category_tree.json"), "w") as f:
-            json.dump(category_tree_dict(cats), f)
+            json.dump(category_tree_dict(cats, seed if names == "opaque" else None), f)
         with open(os.path.join(tmp, "category_names.txt"), "w") as f:
             f.write("".join(c["name"] + "\n" for c in cats))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -858,6 +920,7 @@ def read_meta(out_dir: str) -> dict:
             f"{meta_file}: format version {version!r}, this code reads {FORMAT_VERSION}; "
             + regenerate
         )
+    meta.setdefault("names", "descriptive")  # written before the name styles existed
     missing = [k for k in DEMO_CONFIG if k not in meta]
     if missing:
         raise ValueError(f"{meta_file}: missing generation parameters {missing}; " + regenerate)
@@ -952,6 +1015,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         "-1: a random seed, printed and saved in meta.json",
     )
     p.add_argument(
+        "--names",
+        choices=NAME_STYLES,
+        default=DEMO_CONFIG["names"],
+        help="category names: descriptive ones spell the appearance ('red dotted star'), opaque "
+        "ones are a unique made-up token per category (same images, boxes and tree)",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an existing --out folder that holds a dataset written by this generator",
@@ -1011,6 +1081,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 image_seed=a.image_seed,
                 overwrite=a.overwrite,
                 workers=a.workers,
+                names=a.names,
             )
     except WorkerError as e:
         p.exit(1, f"{p.prog}: error: {e}\n")
