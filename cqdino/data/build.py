@@ -370,24 +370,25 @@ def category_words(
 ) -> List[List[str]]:
     """Each category's words for the compositional category queries and the word head
     (``model.class_head.category_names``, ``model.word_head.category_names``): the words of
-    its name and/or the nodes of the category tree above it.
+    its name and/or the nodes of the category tree on its path.
 
-    With ``tree``, category c's words include one token per *ancestor* node of c in the
-    dataset's tree (``metadata.category_tree_file``; V3Det's tree, the synthetic one), so a
-    node's vector is trained by the boxes of every category below it: a parent learns from
-    all its children's boxes, a rare leaf starts from what its ancestors learnt, and the word
-    head's targets make every box a positive for its ancestors. Nodes above every category
-    (the root) carry nothing and are left out. Without ``names`` each category also gets its
-    own node's token (its free vector). Tree tokens are ``"tree:<node id>"`` and never split,
-    so node ids cannot leak words into the vocabulary.
+    With ``tree``, category c's words include one token per node on its path in the dataset's
+    tree (``metadata.category_tree_file``; V3Det's tree, the synthetic one): its ancestors from
+    the top down, then its own node. A node's vector is then trained by the boxes of every
+    category below it (a parent learns from all its children's boxes, a rare leaf starts from
+    what its ancestors learnt) and the word head's targets make every box a positive for its
+    ancestors. Nodes above every category (the root) carry nothing and are left out. Tree
+    tokens are ``"tree:<node id>"`` and never split, so node ids cannot leak words into the
+    vocabulary; a token's parent is the token before it (what
+    :class:`~cqdino.modeling.NameWordHead` ``tree_softmax`` reads).
 
     Args:
         dataset_name: the training dataset (its class names and tree).
         num_classes: C of the model (checked against the dataset).
         names: the words of the category names (:func:`cqdino.utils.text.name_words`).
-        tree: the tree's ancestor nodes.
+        tree: the tree's nodes on the category's path.
     Returns:
-        C token lists in contiguous order.
+        C token lists in contiguous order: name words first, then tree tokens.
     """
     if not (names or tree):
         raise ValueError("category_words: names and tree are both off (no words)")
@@ -415,8 +416,11 @@ def category_words(
         )
     ancestors = [hierarchy.ancestors(c) for c in hierarchy.category_ids]
     everywhere = set.intersection(*(set(a) for a in ancestors)) if ancestors else set()
+    depth: Dict[Any, int] = {}
     for c, (cid, nodes) in enumerate(zip(hierarchy.category_ids, ancestors)):
-        own = [] if names else [hierarchy.node(cid)]
-        words[c] += [f"{TREE_TOKEN_PREFIX}{n}" for n in nodes if n not in everywhere]
-        words[c] += [f"{TREE_TOKEN_PREFIX}{n}" for n in own]
+        for n in nodes:
+            if n not in depth:
+                depth[n] = len(hierarchy.node_ancestors(n))
+        chain = sorted((n for n in nodes if n not in everywhere), key=lambda n: depth[n])
+        words[c] += [f"{TREE_TOKEN_PREFIX}{n}" for n in chain + [hierarchy.node(cid)]]
     return words

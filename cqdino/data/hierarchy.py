@@ -313,6 +313,12 @@ class CategoryTree:
         """Node ids of all ancestors of category ``cid``'s node (every path to a root)."""
         return self._ids(self._closure(self._category_node[self._cidx(cid)], up=True))
 
+    def node_ancestors(self, node: Hashable) -> List[Hashable]:
+        """Node ids of all ancestors of any tree node (category or not)."""
+        if node not in self._node_index:
+            raise KeyError(f"{self.source}: unknown tree node {node!r}")
+        return self._ids(self._closure(self._node_index[node], up=True))
+
     def descendants(self, cid: int) -> List[Hashable]:
         """Node ids of all descendants of category ``cid``'s node."""
         return self._ids(self._closure(self._category_node[self._cidx(cid)], up=False))

@@ -101,8 +101,8 @@ def test_bad_name_style_is_refused(tmp_path, capsys):
 
 
 def test_category_words_follow_the_tree(both, tmp_path):
-    """Hand-checked against the tree file: each category's tree tokens are its ancestors
-    (the root above all categories left out), with its own node when names are off."""
+    """Checked against the tree file's parent lists: each category's tree tokens are its
+    path from the top down (the root above all categories left out), then its own node."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from cqdino.data.build import category_words
@@ -134,11 +134,13 @@ def test_category_words_follow_the_tree(both, tmp_path):
     assert names_only == [[n] for n in names]
     for cid in range(1, 61):
         node = tree["categoryid2treeid"][str(cid)]
-        want = {f"tree:{a}" for a in ancestors(node) if a != "syn.object"}
-        assert set(both_words[cid - 1]) == {names[cid - 1]} | want
-        assert set(tree_only[cid - 1]) == want | {f"tree:{node}"}
-    # a leaf: shape+colour node, shape category, family; a shape category: its family
-    assert len(both_words[-1]) == 4 and len(both_words[0]) == 2
+        # the path from the top down, the root above every category left out, then the node
+        path = [f"tree:{a}" for a in reversed(ancestors(node)) if a != "syn.object"]
+        path.append(f"tree:{node}")
+        assert both_words[cid - 1] == [names[cid - 1]] + path
+        assert tree_only[cid - 1] == path
+    # a leaf: family, shape category, shape+colour node, itself; a shape category: family, itself
+    assert len(tree_only[-1]) == 4 and len(tree_only[0]) == 2
     with pytest.raises(ValueError, match="both off"):
         category_words(name, 60, names=False, tree=False)
     from cqdino.utils.io import InputError

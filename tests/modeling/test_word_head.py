@@ -164,3 +164,74 @@ def test_word_scores_are_a_posterior_over_each_query_s_classes():
     assert per_box[full].tolist() == pytest.approx([1.0] * int(full.sum()), abs=1e-4)
     # not a constant: the words tell the classes of a query apart
     assert p.max() - p.min() > 1e-3
+
+
+# ---------------------------------------------------------------- tree softmax (issue 30)
+TREE_CATS = [
+    ["red", "tree:f1", "tree:s1", "tree:a"],
+    ["tree:f1", "tree:s1", "tree:b"],
+    ["tree:f1", "tree:s2"],
+    ["tree:f2", "tree:d"],
+]
+# softmax groups by hand: the top level {f1, f2}, children of f1 {s1, s2}, of s1 {a, b}, of f2 {d}
+TREE_GROUPS = {"tree:f1": "top", "tree:f2": "top", "tree:s1": "f1", "tree:s2": "f1"}
+TREE_GROUPS.update({"tree:a": "s1", "tree:b": "s1", "tree:d": "f2"})
+
+
+def _tree_reference(words, logits, cat):
+    """-log p(path) over the groups plus BCE of the name words, float64, by loops."""
+    logits = logits.double()
+    col = {w: i for i, w in enumerate(words)}
+    loss = 0.0
+    for w, i in col.items():
+        y = 1.0 if w in TREE_CATS[cat] else 0.0
+        if w in TREE_GROUPS:
+            if y:
+                members = [col[u] for u, g in TREE_GROUPS.items() if g == TREE_GROUPS[w]]
+                loss += torch.logsumexp(logits[members], 0) - logits[i]
+        else:
+            p = torch.sigmoid(logits[i])
+            loss -= y * torch.log(p) + (1 - y) * torch.log(1 - p)
+    return loss
+
+
+def test_tree_softmax_loss_and_scores_match_a_float64_reference():
+    torch.manual_seed(0)
+    head = NameWordHead(TREE_CATS, embed_dim=8, tree_softmax=True)
+    assert head.words == ["red", "tree:f1", "tree:s1", "tree:a", "tree:b", "tree:s2"] + [
+        "tree:f2",
+        "tree:d",
+    ]
+    W = head.num_words
+    # groups: top-level tokens share W, a child points at its parent's index, name words -1
+    assert head.word_groups.tolist() == [-1, W, 1, 2, 2, 1, W, 6]
+    logits = torch.randn(4, W) * 3
+    classes = torch.tensor([0, 1, 2, 3])
+    got = head.loss(logits, head.targets(classes))
+    want = sum(_tree_reference(head.words, logits[i], c) for i, c in enumerate(classes.tolist()))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # the column score: log p(path) of the tree tokens plus the name words' logits
+    hidden = torch.randn(1, 2, 8)
+    lp = head.column_log_probs(hidden)
+    raw = head.linear(hidden).double()[0]
+    for q in range(2):
+        scores = []
+        for cat in range(4):
+            s = 0.0
+            for w in TREE_CATS[cat]:
+                i = head.words.index(w)
+                if w in TREE_GROUPS:
+                    members = [
+                        head.words.index(u) for u, g in TREE_GROUPS.items() if g == TREE_GROUPS[w]
+                    ]
+                    s += raw[q, i] - torch.logsumexp(raw[q, members], 0)
+                else:
+                    s += raw[q, i]
+            scores.append(s)
+        want = torch.log_softmax(torch.stack(scores), 0)
+        torch.testing.assert_close(lp[0, q].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_tree_softmax_needs_tree_tokens():
+    with pytest.raises(ValueError, match="tree tokens"):
+        NameWordHead(["red star", "blue star"], embed_dim=4, tree_softmax=True)

@@ -33,6 +33,10 @@ def sigmoid_focal_loss(
     return loss
 
 
+def _binary_cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="sum")
+
+
 def quality_focal_loss(
     logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0
 ) -> Tensor:
@@ -68,8 +72,10 @@ class SetCriterion(nn.Module):
         loss_word_weight: weight of ``loss_word``, the auxiliary name-word loss
             (:class:`~cqdino.modeling.dino.word_head.NameWordHead`): binary cross-entropy of a
             matched query's word logits (``pred_words``) against the words of its GT's name
-            (``targets[i]["words"]``), summed over words and normalised like the other terms.
-            Computed only for prediction sets that carry ``pred_words``.
+            (``targets[i]["words"]``), summed over words and normalised like the other terms
+            (or the word head's own loss, ``targets[0]["word_loss"]``: ``(logits [N, W],
+            targets [N, W]) -> summed loss``, e.g. its tree softmax). Computed only for
+            prediction sets that carry ``pred_words``.
     """
 
     def __init__(
@@ -170,10 +176,11 @@ class SetCriterion(nn.Module):
         losses["loss_giou"] = (1 - giou).sum() / num_boxes
         if pred_words is not None:
             words = torch.cat([t["words"][g.to(device)] for t, (_, g) in zip(targets, indices)])
-            bce = F.binary_cross_entropy_with_logits(
-                pred_words[batch_idx, query_idx], words.to(pred_words.dtype), reduction="sum"
-            )
-            losses["loss_word"] = bce / num_boxes
+            matched = pred_words[batch_idx, query_idx]
+            word_loss = targets[0].get("word_loss") if targets else None
+            if word_loss is None:
+                word_loss = _binary_cross_entropy_sum
+            losses["loss_word"] = word_loss(matched, words) / num_boxes
         return losses
 
     def _weighted(self, losses: Dict[str, Tensor], suffix: str) -> Dict[str, Tensor]:

@@ -331,6 +331,7 @@ class DINO(nn.Module):
         if self.word_head is not None:
             for t in targets:
                 t["words"] = self.word_head.targets(t["classes"])
+                t["word_loss"] = self.word_head.loss
             for h, out, dn_out in zip(hidden, layers, dn_layers):
                 words = self.word_head(h)
                 out["pred_words"], dn_out["pred_words"] = words[:, num_dn:], words[:, :num_dn]
