@@ -1,6 +1,7 @@
 """Datasets, category hierarchy, class-aware sampling and the DETR mapper.
 
-Importing this package registers ``v3det_{train,val}`` and ``synthetic_vocab_{train,val}`` under
+Importing this package registers ``v3det_{train,val}``, ``synthetic_vocab_{train,val}`` and
+``synthetic_vocab_opaque_{train,val}`` (the same data, opaque category names) under
 ``$DETECTRON2_DATASETS`` (default ``./datasets``); COCO uses detectron2's ``coco_2017_*``.
 """
 
@@ -22,6 +23,7 @@ from .sampler import build_repeat_factor_sampler, repeat_factors_from_category_f
 
 register_v3det()
 register_synthetic_vocab()
+register_synthetic_vocab(folder="synthetic_vocab_opaque", names="opaque")
 
 __all__ = [
     "CategoryDAG",

@@ -10,6 +10,8 @@ Roots come from ``$DETECTRON2_DATASETS`` (default ``./datasets``)::
     $DETECTRON2_DATASETS/synthetic_vocab/...   (see cqdino.data.synthetic; generated on first use)
     $DETECTRON2_DATASETS/synthetic_vocab_val_img1/...   (the same vocabulary's val split rendered
                                                          with image seed 1; on first use)
+    $DETECTRON2_DATASETS/synthetic_vocab_opaque/...   (the demo data with opaque category names,
+                                                       ``--names opaque``; on first use)
 
 Your own COCO-format data needs no Python: :func:`coco_json_dataset` registers a json and its
 image folder under a name when a config is instantiated (``configs/custom_coco.py``).
@@ -346,7 +348,8 @@ def _synthetic_metadata(out: str, generate_kwargs: dict, on_import: bool = False
                 raise
     if names is None:
         cfg = {**synthetic.DEMO_CONFIG, **generate_kwargs}
-        names = [c["name"] for c in synthetic.vocabulary(cfg["num_categories"], cfg["seed"])]
+        vocabulary = synthetic.vocabulary(cfg["num_categories"], cfg["seed"], cfg["names"])
+        names = [c["name"] for c in vocabulary]
     return dict(
         thing_classes=names,
         thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(names))},
@@ -403,17 +406,23 @@ def _register_synthetic_split(
     _PREPARE[name] = prepare
 
 
-def register_synthetic_vocab(root: Optional[str] = None, **generate_kwargs) -> None:
-    """Register ``synthetic_vocab_{train,val}`` at ``<root>/synthetic_vocab``.
+def register_synthetic_vocab(
+    root: Optional[str] = None, folder: str = "synthetic_vocab", **generate_kwargs
+) -> None:
+    """Register ``<folder>_{train,val}`` at ``<root>/<folder>`` (default
+    ``synthetic_vocab_{train,val}``).
 
     A generated folder is used as it is: its categories (``category_names.txt``) and sizes
     (``meta.json``) are whatever ``python -m cqdino.data.synthetic`` was run with. Loading
     either split generates the dataset first when the folder is absent (the demo size
     :data:`cqdino.data.synthetic.DEMO_CONFIG`, overridable by ``generate_kwargs``; explicit
-    ``generate_kwargs`` that differ from an existing folder are an error).
+    ``generate_kwargs`` that differ from an existing folder are an error). The default folder
+    also registers its second rendering (:func:`register_synthetic_rendering`); importing
+    ``cqdino.data`` registers ``synthetic_vocab_opaque_{train,val}`` too: the same data with
+    opaque names (``names="opaque"``).
     """
     root = _datasets_root(root)
-    out = os.path.join(root, "synthetic_vocab")
+    out = os.path.join(root, folder)
 
     def prepare():
         synthetic.ensure_generated(out, **generate_kwargs)
@@ -421,9 +430,10 @@ def register_synthetic_vocab(root: Optional[str] = None, **generate_kwargs) -> N
     train_json = os.path.join(out, "annotations", "synthetic_vocab_train.json")
     for split in ("train", "val"):
         _register_synthetic_split(
-            f"synthetic_vocab_{split}", out, split, train_json, prepare, generate_kwargs
+            f"{folder}_{split}", out, split, train_json, prepare, generate_kwargs
         )
-    register_synthetic_rendering(1, root, **generate_kwargs)
+    if folder == "synthetic_vocab":
+        register_synthetic_rendering(1, root, **generate_kwargs)
 
 
 # The generation parameters a second rendering takes from the main folder (its vocabulary).

@@ -59,14 +59,16 @@ def layouts(tmp_path_factory, shared_data):
     shutil.copytree(made / "images", v3det / "images")
     # the demo's synthetic vocabulary (1,000 categories) at test size, so that the demo
     # configs do not generate their 4,000 images here
-    synthetic.generate(
-        root / "synthetic_vocab",
-        num_categories=1000,
-        num_train_images=4,
-        num_val_images=2,
-        image_size=(64, 80),
-        workers=1,
-    )
+    for folder, names in (("synthetic_vocab", "descriptive"), ("synthetic_vocab_opaque", "opaque")):
+        synthetic.generate(
+            root / folder,
+            num_categories=1000,
+            num_train_images=4,
+            num_val_images=2,
+            image_size=(64, 80),
+            workers=1,
+            names=names,
+        )
     vocab = synthetic.vocabulary(V3DET_CLASSES)
     tree = v3det / "annotations" / "v3det_2023_v1_category_tree.json"
     tree.write_text(json.dumps(synthetic.category_tree_dict(vocab)))
