@@ -48,7 +48,6 @@ __all__ = [
     "ExportableDetector",
     "size_limits",
     "pad_images",
-    "load_weights_strict",
     "check_output_path",
     "check_outputs_not_inputs",
     "export_program",
@@ -168,58 +167,6 @@ def pad_images(images: Sequence[Tensor], size_divisibility: int) -> Tuple[Tensor
         out[:, : im.shape[-2], : im.shape[-1]].copy_(im)
     sizes = torch.tensor([[int(im.shape[-2]), int(im.shape[-1])] for im in images])
     return batch, sizes
-
-
-def load_weights_strict(model: nn.Module, path: str, use_ema: bool = False) -> None:
-    """Load a cqdino training checkpoint (``{"model": state_dict, ...}`` as ``train_net.py``
-    writes it, or a bare state dict) into ``model``, strictly: every parameter and persistent
-    buffer must be present with its shape, and nothing else. Raises ``FileNotFoundError`` /
-    ``ValueError`` with one message naming the file and a few offending keys.
-
-    ``use_ema``: take the checkpoint's EMA weights (``trainer.ema.state``) when it has them.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"train.init_checkpoint={path!r}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors of many types
-        raise ValueError(
-            f"train.init_checkpoint={path!r}: not a readable PyTorch checkpoint "
-            f"({type(e).__name__}: {e})"
-        ) from e
-    state = obj
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        state = obj["model"]
-        ema = (
-            (obj.get("trainer") or {}).get("ema") if isinstance(obj.get("trainer"), dict) else None
-        )
-        if use_ema and isinstance(ema, dict) and isinstance(ema.get("state"), dict):
-            state = ema["state"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
-            f"train.init_checkpoint={path!r}: expected a state dict of tensors or a dict with "
-            "one under 'model'"
-        )
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
-        for k, v in own.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-        if keys:
-            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            problems.append(f"{len(keys)} {what}: {', '.join(keys[:3])}{more}")
-    if problems:
-        raise ValueError(
-            f"train.init_checkpoint={path!r} does not match the config's model ("
-            + "; ".join(problems)
-            + "): is it a checkpoint of this config (same class count, widths, layers)?"
-        )
-    model.load_state_dict(state, strict=True)
 
 
 def check_output_path(

@@ -256,21 +256,15 @@ class Predictor:
         import torch
         from detectron2.config import instantiate
 
+        from cqdino.engine import load_weights_strict, use_ema_weights
         from cqdino.engine.config_check import load_config
-        from cqdino.export import (
-            ExportableDetector,
-            detections_per_image,
-            load_weights_strict,
-            size_limits,
-        )
+        from cqdino.export import ExportableDetector, detections_per_image, size_limits
 
         if threads:
             torch.set_num_threads(int(threads))
         cfg = load_config(config_file, list(opts))
         model = instantiate(cfg.model)
-        ema = cfg.train.get("ema", {}) if "train" in cfg else {}
-        use_ema = bool(ema.get("enabled", False) and ema.get("eval_with_ema", True))
-        load_weights_strict(model, path, use_ema=use_ema)
+        load_weights_strict(model, path, use_ema=use_ema_weights(cfg))
         model.to(device).eval()
         limits = size_limits(model, 1 << 30)
         self.info = {

@@ -127,12 +127,6 @@ def test_files_are_put_in_place_by_the_one_atomic_writer():
     assert found == [], "use cqdino.utils.io.atomic_write/atomic_save:\n" + "\n".join(found)
 
 
-# Files of the export work (issue 32) that still carry their own copy; allowed only while the
-# copy is there (they switch to cqdino.engine's with a one-line import).
-NOT_YET = {
-    "load_weights_strict": {"cqdino/export.py"},
-    "eval_with_ema": {"cqdino/predictor.py", "tools/export.py"},
-}
 ENTRY_POINTS = {"main"}  # ``python -m`` modules each have their own
 
 
@@ -142,17 +136,12 @@ def _defined(path: Path) -> Set[str]:
     return {n.name for n in tree.body if isinstance(n, kinds) and not n.name.startswith("_")}
 
 
-def _allowed(name: str, rel: str) -> bool:
-    return rel in NOT_YET.get(name, ()) and name in (ROOT / rel).read_text()
-
-
 def test_no_library_name_is_defined_twice():
     where: Dict[str, List[str]] = {}
     for path in sorted((ROOT / "cqdino").rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
         for name in _defined(path) - ENTRY_POINTS:
-            if not _allowed(name, rel):
-                where.setdefault(name, []).append(rel)
+            where.setdefault(name, []).append(rel)
     assert {k: v for k, v in where.items() if len(v) > 1} == {}
 
 
@@ -160,7 +149,7 @@ def test_the_ema_rule_is_read_in_one_place():
     readers = []
     for path in _python_files():
         rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith(("tests/", "configs/")) or _allowed("eval_with_ema", rel):
+        if rel.startswith(("tests/", "configs/")):
             continue
         if "eval_with_ema" in path.read_text():
             readers.append(rel)

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from cqdino import _ext
+from cqdino.engine import load_weights_strict
 from cqdino.export import (
     export_onnx,
     export_program,
     load_program,
-    load_weights_strict,
     pad_images,
     save_program,
 )
@@ -196,7 +196,7 @@ def test_tool_bad_inputs_give_one_message(tool, tmp_path, caplog):
     cases = {
         "no such file": base + [f"train.init_checkpoint={tmp_path / 'missing.pth'}"],
         "no train.init_checkpoint": base,
-        "does not match the config's model": [
+        "does not fit the model of this config": [
             "--config-file",
             str(other),
             "--format",
@@ -238,8 +238,8 @@ def test_tool_bad_inputs_give_one_message(tool, tmp_path, caplog):
         assert code == 1, expected
         assert len(errors) == 1 and expected in errors[0], (expected, errors)
     # the mismatch message names the offending keys and shapes
-    _, errors = _run_tool(tool_module, caplog, cases["does not match the config's model"])
-    assert "class_head" in errors[0] and "(7, 64)" in errors[0]
+    _, errors = _run_tool(tool_module, caplog, cases["does not fit the model of this config"])
+    assert "class_head" in errors[0] and "[7, 64] in the model" in errors[0]
     # an existing output is kept unless --overwrite
     Path(out).write_text("keep me")
     code, errors = _run_tool(tool_module, caplog, base + [f"train.init_checkpoint={ckpt}"])

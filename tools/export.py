@@ -98,7 +98,8 @@ def _build(args):
     """Config, model (eval, CPU) with its weights: every check that needs no tracing."""
     from detectron2.config import LazyConfig, instantiate
 
-    from cqdino.export import check_outputs_not_inputs, load_weights_strict, size_limits
+    from cqdino.engine import load_weights_strict, use_ema_weights
+    from cqdino.export import check_outputs_not_inputs, size_limits
     from cqdino.modeling import DINO
 
     if not os.path.isfile(args.config_file):
@@ -126,9 +127,7 @@ def _build(args):
             "not a DINO / CQDINO"
         )
     if checkpoint:
-        ema = cfg.train.get("ema", {})
-        use_ema = bool(ema.get("enabled", False) and ema.get("eval_with_ema", True))
-        load_weights_strict(model, checkpoint, use_ema=use_ema)
+        load_weights_strict(model, checkpoint, use_ema=use_ema_weights(cfg))
     size_limits(model, args.max_size)  # --max-size below the model's minimum: one line
     return cfg, model.to("cpu").eval(), checkpoint
 
