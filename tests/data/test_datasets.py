@@ -21,6 +21,8 @@ from cqdino.data import (
     repeat_factors_from_category_frequency,
     synthetic,
 )
+from cqdino.data.synthetic import workers as synthetic_workers
+from cqdino.data.synthetic.render import _zipf_probs
 
 
 def test_v3det_names_txt(shared_data):
@@ -156,7 +158,7 @@ def _tree(root):
 
 def test_synthetic_generator_deterministic_and_valid(tmp_path, monkeypatch):
     a = synthetic.generate(tmp_path / "a", **SMALL, workers=1)
-    monkeypatch.setattr(synthetic, "_CHUNK", 5)  # several chunks per split, out of order
+    monkeypatch.setattr(synthetic_workers, "_CHUNK", 5)  # several chunks per split, out of order
     b = synthetic.generate(tmp_path / "b", **SMALL, workers=3)
     c = synthetic.generate(tmp_path / "c", **{**SMALL, "seed": 4})
     # rendered in this process or by 3 processes: the same files, byte for byte
@@ -195,7 +197,7 @@ def test_synthetic_generator_deterministic_and_valid(tmp_path, monkeypatch):
 def test_synthetic_vocabulary_long_tail():
     cats = synthetic.vocabulary(13204)
     assert len(cats) == 13204 and len({c["name"] for c in cats}) == 13204
-    probs = synthetic._zipf_probs(1000, 1.1, 0)
+    probs = _zipf_probs(1000, 1.1, 0)
     top = np.sort(probs)[::-1]
     assert top[:10].sum() > 0.2 and (probs < 1 / 1000).mean() > 0.8  # few frequent, most rare
     with pytest.raises(ValueError):
@@ -324,7 +326,7 @@ def test_category_quotas_hand_computed():
 
 def test_demo_regime_every_category_has_boxes_and_a_long_tail():
     leaves = synthetic.DEMO_CONFIG["num_categories"] - len(synthetic.SHAPES)
-    probs = synthetic._zipf_probs(leaves, 0.8, 0)
+    probs = _zipf_probs(leaves, 0.8, 0)
     quotas = synthetic.category_quotas(4000 * 4, probs, 5)  # ~4.5 objects per train image
     assert quotas.min() >= 5 and quotas.max() >= 20 * quotas.min()
 

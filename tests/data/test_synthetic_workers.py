@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cqdino.data import synthetic
+from cqdino.data.synthetic.generation import _host
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(num_categories=20, num_val_images=2, image_size=(32, 48))
@@ -65,7 +66,8 @@ def test_script_on_standard_input_generates(tmp_path, method):
     spawned ones cannot, so the images are rendered in the process, which says so."""
     script = (
         "from cqdino.data import synthetic\n"
-        f"synthetic._START_METHOD = {method!r}\n"
+        "from cqdino.data.synthetic import workers\n"
+        f"workers._START_METHOD = {method!r}\n"
         f"synthetic.generate({str(tmp_path / 'out')!r}, num_train_images=200, workers=2, "
         f"**{TINY!r})\n"
         "print('generated')\n"
@@ -92,8 +94,9 @@ def _start(tmp_path, name, method):
     script = tmp_path / f"{name}.py"
     script.write_text(
         "from cqdino.data import synthetic\n"
+        "from cqdino.data.synthetic import workers\n"
         "if __name__ == '__main__':\n"
-        f"    synthetic._START_METHOD = {method!r}\n"
+        f"    workers._START_METHOD = {method!r}\n"
         f"    synthetic.generate({str(tmp_path / name)!r}, num_train_images=20000, workers=2, "
         f"**{TINY!r})\n"
     )
@@ -147,7 +150,7 @@ def test_dead_worker_and_killed_parent(tmp_path, method):
 
 
 def test_leftovers_of_live_or_other_runs_are_kept(tmp_path):
-    mine = tmp_path / f".synthetic_vocab-{synthetic._host()}-{os.getpid()}-abcd1234"
+    mine = tmp_path / f".synthetic_vocab-{_host()}-{os.getpid()}-abcd1234"
     other_host = tmp_path / ".synthetic_vocab-elsewhere-999999999-abcd1234"
     unknown = tmp_path / ".synthetic_vocab-abcd1234"  # no owner recorded
     for folder in (mine, other_host, unknown):

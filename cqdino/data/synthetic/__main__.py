@@ -4,6 +4,6 @@ A separate ``__main__`` so that running the package does not execute a module th
 ``cqdino.data`` has already imported (runpy's ``RuntimeWarning``).
 """
 
-from . import main
+from .cli import main
 
 main()
