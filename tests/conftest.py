@@ -1,9 +1,12 @@
-"""Shared fixtures: the read-only test data folder and the GPU skip."""
+"""Shared fixtures: the read-only test data folder, the GPU skip and the training entry point
+as a module."""
 
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import load_script
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -32,3 +35,10 @@ def rng_seed(request) -> int:
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     return seed
+
+
+@pytest.fixture(scope="module")
+def train_net():
+    """``projects/train_net.py`` imported as a module (its ``cli``, ``parse_args``, ...), one
+    per test module."""
+    return load_script("projects/train_net.py", "train_net")

@@ -4,8 +4,6 @@ whose categories differ from the training json's is refused in one line naming t
 ids name the file and the id. Through ``projects/train_net.py`` each is one ``error:`` line
 before anything is built."""
 
-import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -18,8 +16,7 @@ from cqdino.data.datasets import (
     register_v3det,
 )
 from cqdino.utils.io import InputError
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, cli_error, write_coco_json
 
 TRAIN_CATS = [{"id": 3, "name": "teapot"}, {"id": 7, "name": "kettle"}, {"id": 9, "name": "cup"}]
 
@@ -27,18 +24,7 @@ TRAIN_CATS = [{"id": 3, "name": "teapot"}, {"id": 7, "name": "kettle"}, {"id": 9
 def _write(path: Path, categories, images=None) -> Path:
     images = images or [{"id": 1, "file_name": "1.png", "width": 64, "height": 48}]
     anns = [{"id": 1, "image_id": images[0]["id"], "category_id": 3, "bbox": [4, 4, 20, 16]}]
-    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
-    return path
-
-
-@pytest.fixture
-def registered():
-    names = []
-    yield names
-    for name in names:
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
+    return write_coco_json(path, images, anns, categories)
 
 
 def _register(registered, tmp_path, name, categories):
@@ -109,14 +95,6 @@ def test_duplicate_image_id_names_file_and_id(tmp_path):
         load_detection_json(str(path), str(tmp_path))
 
 
-@pytest.fixture(scope="module")
-def train_net():
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "projects" / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _train_net_error(train_net, tmp_path, train_json, val_json) -> str:
     """The one line ``train_net.py --config-file configs/custom_coco.py`` stops with."""
     argv = ["--config-file", str(ROOT / "configs" / "custom_coco.py")]
@@ -126,15 +104,12 @@ def _train_net_error(train_net, tmp_path, train_json, val_json) -> str:
     argv += [f"dataloader.test.dataset.image_root={tmp_path}"]
     argv += [f"train.output_dir={tmp_path / 'run'}", "train.max_iter=1"]
     try:
-        with pytest.raises(SystemExit) as e:
-            train_net.cli(argv)
+        message = cli_error(train_net.cli, argv)
     finally:
         for name in ("custom_train", "custom_val"):
             if name in DatasetCatalog.list():
                 DatasetCatalog.remove(name)
                 MetadataCatalog.remove(name)
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
     assert not (tmp_path / "run").exists()  # refused before anything was written
     return message
 

@@ -3,7 +3,6 @@ messages for what a self-attention config must set, name embeddings cached outsi
 annotation folder, and a training set whose images have no boxes said so with the count."""
 
 import hashlib
-import json
 import os
 
 import pytest
@@ -13,6 +12,7 @@ from PIL import Image
 
 from cqdino.data import category_tree_file, load_detection_json
 from cqdino.data.build import get_dataset_dicts
+from tests.helpers import write_coco_json
 
 
 def _own_coco(root, boxes=True):
@@ -28,19 +28,7 @@ def _own_coco(root, boxes=True):
         for i in range(3 if boxes else 0)
     ]
     cats = [{"id": 7, "name": "kettle"}, {"id": 3, "name": "teapot"}]
-    path = root / "annotations" / "train.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": cats}))
-    return path
-
-
-@pytest.fixture
-def registered():
-    names = []
-    yield names
-    for name in names:
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
+    return write_coco_json(root / "annotations" / "train.json", images, annotations, cats)
 
 
 def test_images_without_boxes_are_counted_in_the_message(tmp_path, registered):

@@ -36,6 +36,15 @@ TINY_OVERRIDES = [
 ]
 
 
+# configs/demo.py at test size for 2 iterations (train_net.py's command line)
+CONFIG = ["--config-file", str(ROOT / "configs" / "demo.py")]
+
+
+def tiny_args(out, *extra) -> List[str]:
+    """``train_net.py`` arguments: CONFIG with TINY_OVERRIDES, 2 iterations into ``out``."""
+    return CONFIG + TINY_OVERRIDES + [f"train.output_dir={out}", "train.max_iter=2", *extra]
+
+
 @pytest.fixture(scope="session")
 def tiny_datasets(tmp_path_factory) -> Path:
     """``$DETECTRON2_DATASETS`` holding a 40-category synthetic vocabulary (24 train / 6 val)."""

@@ -7,7 +7,6 @@ processes, each one line before anything is built or written."""
 
 import errno
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -21,18 +20,9 @@ from detectron2.config import LazyConfig
 from cqdino.engine import AtomicCheckpointer, CheckpointError
 from cqdino.engine.checkpoint import check_vocabulary, tree_sha256
 from cqdino.engine.run_lock import LOCK_NAME, RunLock, RunLockedError
+from tests.helpers import cli_error, load_script
 
-from .conftest import ROOT, TINY_OVERRIDES, run_train_net
-
-CONFIG = ["--config-file", str(ROOT / "configs" / "demo.py")]
-
-
-@pytest.fixture(scope="module")
-def train_net():
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "projects" / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .conftest import CONFIG, ROOT, TINY_OVERRIDES, run_train_net, tiny_args
 
 
 @pytest.fixture
@@ -48,19 +38,6 @@ def preflight(train_net, synthetic_vocab):
     yield run
     while train_net._RUN_LOCK:
         train_net._RUN_LOCK.pop().release()
-
-
-def _args(out, *extra):
-    return CONFIG + TINY_OVERRIDES + [f"train.output_dir={out}", "train.max_iter=2", *extra]
-
-
-def _error(train_net, argv) -> str:
-    """The one-line message ``train_net.cli(argv)`` stops with (before any process starts)."""
-    with pytest.raises(SystemExit) as e:
-        train_net.cli([str(a) for a in argv])
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 def _digests(folder):
@@ -94,11 +71,13 @@ def test_second_run_into_a_folder_in_use_is_refused(train_net, synthetic_vocab, 
     out = tmp_path / "run"
     with RunLock(str(out)):  # a live run holds the folder
         before = _digests(out)
-        message = _error(train_net, _args(out))
+        message = cli_error(train_net.cli, tiny_args(out))
         assert "is in use by another run" in message and f"pid {os.getpid()}" in message
         assert _digests(out) == before
         # --overwrite does not take a live run's folder either
-        assert "is in use by another run" in _error(train_net, ["--overwrite"] + _args(out))
+        assert "is in use by another run" in cli_error(
+            train_net.cli, ["--overwrite"] + tiny_args(out)
+        )
 
 
 def test_lock_is_released_on_exit_and_taken_over_after_kill(tmp_path):
@@ -127,7 +106,7 @@ def test_preflight_takes_the_lock_and_says_whose_it_took_over(preflight, tmp_pat
     out = tmp_path / "run"
     out.mkdir()
     (out / LOCK_NAME).write_text("pid 999999 on elsewhere since then: train_net.py\n")
-    preflight(_args(out))
+    preflight(tiny_args(out))
     assert "pid 999999" in caplog.text and "takes it over" in caplog.text
     with pytest.raises(RunLockedError):
         RunLock(str(out)).acquire()
@@ -139,12 +118,14 @@ def test_resume_with_another_config_is_refused_before_anything_is_written(
 ):
     out = tmp_path / "run"
     before = _fake_run(out, "train.max_iter=2")
-    message = _error(train_net, ["--resume"] + _args(out, "model.transformer.num_queries=30"))
+    message = cli_error(
+        train_net.cli, ["--resume"] + tiny_args(out, "model.transformer.num_queries=30")
+    )
     assert "--resume: the config differs from the run's" in message
     assert "model.transformer.num_queries (20 -> 30)" in message
     assert "train.output_dir (" not in message
     assert _digests(out) == before  # config.yaml, checkpoints, metrics untouched
-    message = _error(train_net, ["--resume"] + _args(out, "optimizer.lr=0.5"))
+    message = cli_error(train_net.cli, ["--resume"] + tiny_args(out, "optimizer.lr=0.5"))
     assert "optimizer.lr (0.0012 -> 0.5)" in message
 
 
@@ -157,7 +138,7 @@ def test_resume_may_change_where_and_how_often(preflight, tmp_path):
     moved = tmp_path / "moved"
     preflight(
         ["--resume"]
-        + _args(moved, "train.eval_period=5", "train.log_period=3", "train.seed=-1")
+        + tiny_args(moved, "train.eval_period=5", "train.log_period=3", "train.seed=-1")
         + ["train.checkpointer.max_to_keep=2", "dataloader.train.num_workers=0"]
     )
 
@@ -167,7 +148,7 @@ def test_overwrite_removes_the_old_tensorboard_events_and_checkpoints(preflight,
     out = tmp_path / "run"
     _fake_run(out)
     (out / "notes.txt").write_text("mine")
-    preflight(["--overwrite"] + _args(out))
+    preflight(["--overwrite"] + tiny_args(out))
     left = sorted(p.name for p in out.iterdir())
     assert not [n for n in left if n.startswith("events.out.tfevents")], left
     assert not [n for n in left if n.startswith("model_")], left
@@ -183,7 +164,7 @@ def test_a_run_that_crashed_before_its_first_row_is_not_a_run(preflight, tmp_pat
     (out / "log.txt").write_text("... Traceback ...\n")
     (out / "metrics.json").write_text("")  # opened by the writer, never written
     (out / "events.out.tfevents.1.host.1.0").write_bytes(b"")
-    preflight(_args(out))  # no --overwrite needed
+    preflight(tiny_args(out))  # no --overwrite needed
 
 
 def test_a_run_with_a_metrics_row_still_needs_resume_or_overwrite(
@@ -192,7 +173,7 @@ def test_a_run_with_a_metrics_row_still_needs_resume_or_overwrite(
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text('{"iteration": 0, "total_loss": 1.0}\n')
-    assert "already holds a run (metrics.json)" in _error(train_net, _args(out))
+    assert "already holds a run (metrics.json)" in cli_error(train_net.cli, tiny_args(out))
 
 
 # ----------------------------------------------------------------------------- disk full
@@ -272,14 +253,14 @@ def test_checkpoint_of_another_vocabulary_is_refused(
     other = _other_vocabulary(tiny_checkpoint, tmp_path)
     out = tmp_path / "run"
     if use == "eval":
-        argv = ["--eval-only"] + _args(out, f"train.init_checkpoint={other}")
+        argv = ["--eval-only"] + tiny_args(out, f"train.init_checkpoint={other}")
     elif use == "init":
-        argv = _args(out, f"train.init_checkpoint={other}")
+        argv = tiny_args(out, f"train.init_checkpoint={other}")
     else:
         shutil.copytree(tiny_checkpoint.parent, out)
         shutil.copy(other, out / "model_final.pth")
-        argv = ["--resume"] + _args(out)
-    message = _error(train_net, argv)
+        argv = ["--resume"] + tiny_args(out)
+    message = cli_error(train_net.cli, argv)
     assert "was trained on another vocabulary than dataset 'synthetic_vocab_train'" in message
     assert "1 of 40 names differ (class 3: 'not-a-category-of-this-dataset'" in message
     assert "--allow-other-vocabulary" in message
@@ -333,12 +314,12 @@ def test_class_count_check_does_not_skip_on_an_error(train_net):
     ],
 )
 def test_non_positive_sizes_are_one_line(train_net, synthetic_vocab, tmp_path, override, named):
-    assert named in _error(train_net, _args(tmp_path / "out", override))
+    assert named in cli_error(train_net.cli, tiny_args(tmp_path / "out", override))
     assert not (tmp_path / "out").exists()
 
 
 def test_batch_not_a_multiple_of_the_processes(train_net, synthetic_vocab, tmp_path):
-    message = _error(train_net, ["--num-gpus", "3"] + _args(tmp_path / "out"))
+    message = cli_error(train_net.cli, ["--num-gpus", "3"] + tiny_args(tmp_path / "out"))
     assert "dataloader.train.total_batch_size=2 is not a multiple of the 3 processes" in message
     assert not (tmp_path / "out").exists()
 
@@ -352,7 +333,7 @@ def test_eval_only_into_a_run_writes_a_new_folder(tiny_checkpoint, tiny_datasets
     (run / "inference" / "results.json").write_text("the run's own results")
     before = _digests(run)
     for n in (1, 2):
-        proc = run_train_net(tiny_datasets, ["--eval-only", "--resume"] + _args(run))
+        proc = run_train_net(tiny_datasets, ["--eval-only", "--resume"] + tiny_args(run))
         text = proc.stdout + proc.stderr
         assert proc.returncode == 0, text[-3000:]
         assert f"Evaluating {run / 'model_final.pth'} (the run's last checkpoint" in text
@@ -370,7 +351,7 @@ def test_resume_after_a_kill_before_the_first_last_checkpoint(tiny_datasets, tmp
     """SIGKILL once model_0000001.pth is complete, before last_checkpoint exists: --resume
     continues at iteration 2 (not 0), metrics.json has one row per iteration, and the lock of
     the killed run is taken over (then released at the end)."""
-    args = _args(tmp_path, "train.max_iter=4", "train.checkpointer.period=2")
+    args = tiny_args(tmp_path, "train.max_iter=4", "train.checkpointer.period=2")
     killed = run_train_net(tiny_datasets, args, harness=["kill_before_tag", "1"])
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (tmp_path / "last_checkpoint").exists()
@@ -392,7 +373,7 @@ def test_resume_after_a_kill_before_the_first_last_checkpoint(tiny_datasets, tmp
 
 @pytest.mark.slow
 def test_disk_full_during_training_is_one_line(tiny_datasets, tmp_path):
-    args = _args(tmp_path, "train.max_iter=6", "train.checkpointer.period=2")
+    args = tiny_args(tmp_path, "train.max_iter=6", "train.checkpointer.period=2")
     proc = run_train_net(tiny_datasets, args, harness=["disk_full", "3"])
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text[-3000:]
@@ -404,9 +385,7 @@ def test_disk_full_during_training_is_one_line(tiny_datasets, tmp_path):
 
 
 def test_demo_takes_its_options_after_the_overrides(tmp_path):
-    spec = importlib.util.spec_from_file_location("demo_tool", ROOT / "projects" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("projects/demo.py", "demo_tool")
     image = tmp_path / "a=b.jpg"  # an input whose name looks like an override
     image.write_bytes(b"")
     args = demo.parse_args(

@@ -4,7 +4,6 @@ run or silently do something else than asked (issue 20): a folder holding a run 
 corrupt checkpoints, a class count that does not match the dataset; evaluation loads strictly."""
 
 import hashlib
-import importlib.util
 import json
 import logging
 import socket
@@ -14,31 +13,9 @@ import torch
 from detectron2.config import instantiate
 
 from cqdino.engine import AtomicCheckpointer, Trainer
+from tests.helpers import cli_error
 
-from .conftest import ROOT, TINY_CATEGORIES, TINY_OVERRIDES, run_train_net
-
-CONFIG = ["--config-file", str(ROOT / "configs" / "demo.py")]
-
-
-@pytest.fixture(scope="module")
-def train_net():
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "projects" / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _args(out, *extra):
-    return CONFIG + TINY_OVERRIDES + [f"train.output_dir={out}", "train.max_iter=2", *extra]
-
-
-def _error(train_net, argv) -> str:
-    """The one-line message ``train_net.cli(argv)`` stops with (before any process starts)."""
-    with pytest.raises(SystemExit) as e:
-        train_net.cli([str(a) for a in argv])
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
+from .conftest import CONFIG, ROOT, TINY_CATEGORIES, TINY_OVERRIDES, run_train_net, tiny_args
 
 
 def _digest(path) -> str:
@@ -62,7 +39,7 @@ def _fake_run(folder):
 def test_folder_holding_a_run_is_refused(tiny_datasets, tmp_path):
     out = tmp_path / "run"
     before = _fake_run(out)
-    proc = run_train_net(tiny_datasets, _args(out))
+    proc = run_train_net(tiny_datasets, tiny_args(out))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "already holds a run" in last and "--resume" in last and "--overwrite" in last
@@ -72,7 +49,7 @@ def test_folder_holding_a_run_is_refused(tiny_datasets, tmp_path):
 def test_overwrite_is_an_explicit_opt_in(tiny_datasets, tmp_path):
     out = tmp_path / "run"
     before = _fake_run(out)
-    proc = run_train_net(tiny_datasets, ["--overwrite"] + _args(out))
+    proc = run_train_net(tiny_datasets, ["--overwrite"] + tiny_args(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _digest(out / "model_final.pth") != before["model_final.pth"]
     rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
@@ -92,7 +69,7 @@ def test_overwrite_is_an_explicit_opt_in(tiny_datasets, tmp_path):
     ],
 )
 def test_bad_overrides_are_one_line(train_net, synthetic_vocab, tmp_path, override, named):
-    assert named in _error(train_net, _args(tmp_path / "out", override))
+    assert named in cli_error(train_net.cli, tiny_args(tmp_path / "out", override))
     assert not (tmp_path / "out").exists()
 
 
@@ -109,13 +86,15 @@ def test_unknown_argument_in_a_config_file_is_one_line(tmp_path):
 def test_output_dir_that_is_a_file(train_net, synthetic_vocab, tmp_path):
     path = tmp_path / "a_file"
     path.write_text("x")
-    assert "is a file" in _error(train_net, _args(path))
+    assert "is a file" in cli_error(train_net.cli, tiny_args(path))
     assert path.read_text() == "x"
 
 
 def test_missing_init_checkpoint_is_one_line(train_net, synthetic_vocab, tmp_path):
     missing = tmp_path / "nope.pth"
-    message = _error(train_net, _args(tmp_path / "out", f"train.init_checkpoint={missing}"))
+    message = cli_error(
+        train_net.cli, tiny_args(tmp_path / "out", f"train.init_checkpoint={missing}")
+    )
     assert "train.init_checkpoint" in message and str(missing) in message
 
 
@@ -123,7 +102,7 @@ def test_last_checkpoint_naming_a_missing_file(train_net, synthetic_vocab, tmp_p
     out = tmp_path / "run"
     _fake_run(out)
     (out / "model_final.pth").unlink()
-    message = _error(train_net, ["--resume"] + _args(out))
+    message = cli_error(train_net.cli, ["--resume"] + tiny_args(out))
     assert "last_checkpoint names 'model_final.pth', which does not exist" in message
     assert "model_0000003.pth" in message
 
@@ -150,10 +129,10 @@ def test_dist_url_is_a_free_port_on_one_machine(train_net):
 
 def test_eval_only_checks_the_class_count(train_net, synthetic_vocab, tmp_path):
     more = TINY_CATEGORIES + 1
-    args = ["--eval-only"] + _args(tmp_path / "out")
+    args = ["--eval-only"] + tiny_args(tmp_path / "out")
     args += [f"model.class_head.num_categories={more}"]
     args += [f"dataloader.{s}.mapper.num_classes={more}" for s in ("train", "test")]
-    message = _error(train_net, args)
+    message = cli_error(train_net.cli, args)
     assert f"{more} classes" in message and f"{TINY_CATEGORIES} categories" in message
 
 
@@ -186,7 +165,7 @@ def test_strict_loading_names_the_differences(synthetic_vocab, tmp_path):
 def test_eval_only_with_a_checkpoint_of_another_config(synthetic_vocab, tmp_path):
     path = tmp_path / "other_config.pth"
     torch.save({"model": _tiny_model().state_dict()}, path)
-    args = ["--eval-only"] + _args(tmp_path / "out", f"train.init_checkpoint={path}")
+    args = ["--eval-only"] + tiny_args(tmp_path / "out", f"train.init_checkpoint={path}")
     proc = run_train_net(synthetic_vocab, args + ["model.transformer.num_queries=30"])
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "Traceback" not in text
