@@ -45,6 +45,10 @@ DATASETS = {
     "synthetic": Dataset(
         "synthetic_vocab_train", "synthetic_vocab_val", 1000, (4000, 4000), "v3det"
     ),
+    # The same images, boxes and tree with opaque names (generated with --names opaque).
+    "synthetic_opaque": Dataset(
+        "synthetic_vocab_opaque_train", "synthetic_vocab_opaque_val", 1000, (4000, 4000), "v3det"
+    ),
 }
 
 
@@ -102,8 +106,19 @@ RECIPES = {
         batch=8,
         word_loss=True,
     ),
+    # the demo on opaque names: the same recipe, the tree's words instead of the names'
+    "demo_opaque": Recipe(
+        "synthetic_opaque",
+        "CQDINO",
+        "R18",
+        epochs=1.9,
+        milestone_epochs=(1.71,),
+        batch=8,
+        head=dict(topk=100, relation="tree", selection_loss="asl", force_gt=True),
+        word_loss=True,
+    ),
 }
-LIGHT = {"demo", "demo_dino"}  # the others: full-width R50/Swin, 13,204 categories
+LIGHT = {"demo", "demo_dino", "demo_opaque"}  # the others: full-width R50/Swin, 13,204 categories
 
 
 def _load(name: str):
@@ -266,20 +281,23 @@ def datasets_root(tmp_path_factory):
     tree.parent.mkdir(parents=True)
     num_v3det = DATASETS["v3det"].num_classes
     tree.write_text(json.dumps(synthetic.category_tree_dict(synthetic.vocabulary(num_v3det))))
-    synthetic.main(
-        ["--out", str(root / "synthetic_vocab"), "--num-categories", "1000"]
-        + ["--num-train-images", "4", "--num-val-images", "2", "--image-size", "64", "80"]
-    )
+    tiny = ["--num-categories", "1000", "--num-train-images", "4", "--num-val-images", "2"]
+    tiny += ["--image-size", "64", "80"]
+    synthetic.main(["--out", str(root / "synthetic_vocab")] + tiny)
+    opaque = "synthetic_vocab_opaque"
+    synthetic.main(["--out", str(root / opaque), "--names", "opaque"] + tiny)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DETECTRON2_DATASETS", str(root))
         register_v3det(str(root))
         register_synthetic_vocab(str(root))
+        register_synthetic_vocab(str(root), folder=opaque)
         try:
             yield root
         finally:
             mp.undo()  # the original $DETECTRON2_DATASETS, then its registrations
             register_v3det()
             register_synthetic_vocab()
+            register_synthetic_vocab(folder=opaque, names="opaque")
 
 
 def _check_instances(out, sizes, num_classes):
