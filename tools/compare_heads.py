@@ -99,7 +99,17 @@ def train_and_eval(head: str, root: Path, out: Path, overrides: List[str], threa
     last = evals[max(evals)] if evals else {}
     if not last:
         raise SystemExit(f"no evaluation in {out / 'metrics.json'}")
-    return {m: float(last[f"bbox/{m}"]) for m in METRICS if f"bbox/{m}" in last}
+    return _metrics(last)
+
+
+def _metrics(last: Dict) -> Dict:
+    """METRICS and EXTRAS of an evaluation row of metrics.json; ``ARC``: the evaluator's
+    ``ARC@K`` (CQ-DINO inferring through its top-K)."""
+    out = {m: float(last[f"bbox/{m}"]) for m in METRICS + EXTRAS if f"bbox/{m}" in last}
+    arc = [v for k, v in last.items() if k.startswith("bbox/ARC@")]
+    if arc:
+        out["ARC"] = float(arc[0])
+    return out
 
 
 def read_run(run: Path) -> Dict:
@@ -114,8 +124,7 @@ def read_run(run: Path) -> Dict:
     _, evals = read_metrics(str(run))
     if not evals:
         raise SystemExit(f"{run}: no evaluation in metrics.json (not a finished, evaluated run)")
-    last = evals[max(evals)]
-    out = {m: float(last[f"bbox/{m}"]) for m in METRICS + EXTRAS if f"bbox/{m}" in last}
+    out = _metrics(evals[max(evals)])
     log = run / "log.txt"
     if log.is_file():
         m = re.search(
@@ -124,7 +133,7 @@ def read_run(run: Path) -> Dict:
         if m:
             out["s_per_iter"] = float(m.group(1))
     arc = run / "arc.json"
-    if arc.is_file():
+    if arc.is_file():  # measured after the run (--arc), e.g. at another K
         out["ARC"] = float(json.loads(arc.read_text())["ARC"])
     return out
 
@@ -225,36 +234,29 @@ def plot(rows: List[Dict], summary: List[Dict], path: Path, overwrite: bool = Fa
 def measure_arc(
     root: Path, out: Path, overrides: List[str], config: Optional[Path] = None
 ) -> float:
-    """ARC: the fraction of (val image, GT category) pairs whose category is in the image's
-    top-K selection, with the trained CQ-DINO's selector at inference (``config``: the run's
-    config, default configs/demo.py; ``overrides`` applied to it)."""
+    """ARC (the paper's: the share of (val image, GT category) pairs whose category is in the
+    image's top-K selection) of the trained CQ-DINO in ``out`` (its ``model_final.pth``): the
+    ``ARC@K`` that the config's evaluator reports on its test set (``config``: the run's
+    config, default configs/demo.py; ``overrides`` applied to it). Nothing is written."""
     os.environ["DETECTRON2_DATASETS"] = str(root)
-    import torch
     from detectron2.config import LazyConfig, instantiate
-    from detectron2.data import DatasetCatalog
 
     from cqdino.data import register_synthetic_vocab
-    from cqdino.engine import load_weights_strict, use_ema_weights
+    from cqdino.engine import inference_on_dataset, load_weights_strict, use_ema_weights
 
     register_synthetic_vocab(str(root))
     cfg = LazyConfig.apply_overrides(LazyConfig.load(str(config or HEADS["CQ-DINO"])), overrides)
     cfg.train.init_checkpoint = str(out / "model_final.pth")
-    model = instantiate(cfg.model).eval()
+    model = instantiate(cfg.model)
     load_weights_strict(model, cfg.train.init_checkpoint, use_ema=use_ema_weights(cfg))
-    name = cfg.dataloader.test.dataset.names
-    gt = {  # dataset dicts hold contiguous category ids, as the selector's indices
-        d["image_id"]: {a["category_id"] for a in d.get("annotations", [])}
-        for d in DatasetCatalog.get(name)
-    }
-    hit = total = 0
-    with torch.no_grad():
-        for batch in instantiate(cfg.dataloader.test):
-            _, _, _, state = model.extract_features(batch)
-            for x, idx in zip(batch, state.indices.tolist()):
-                cats = gt[x["image_id"]]
-                hit += len(cats & set(idx))
-                total += len(cats)
-    return 100.0 * hit / max(total, 1)
+    cfg.dataloader.evaluator.output_dir = None  # no predictions file
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator), False
+    )
+    arc = [v for k, v in results.get("bbox", {}).items() if k.startswith("ARC@")]
+    if not arc:
+        raise SystemExit(f"{out}: the evaluator reports no ARC (test_topk above topk?)")
+    return float(arc[0])
 
 
 def run_arc(run: Path, root: Path, topk: int) -> float:
@@ -360,8 +362,6 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 row = {"categories": c, "head": head, "seed": seed}
                 row.update(train_and_eval(head, root, out, over, args.threads))
-                if head == "CQ-DINO":
-                    row["ARC"] = measure_arc(root, out, over)
                 row["seconds"] = time.perf_counter() - t
                 rows.append(row)
                 print(json.dumps(row), flush=True)

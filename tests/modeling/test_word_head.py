@@ -61,6 +61,28 @@ def test_loss_word_against_a_float64_reference(rng_seed):
     assert losses["loss_word"].item() == pytest.approx(0.5 * ref / 3, rel=1e-5)
     # without word logits there is no word loss
     assert "loss_word" not in crit({"pred_logits": logits, "pred_boxes": boxes}, t)
+    # a word loss of one's own sees the matched rows (query order) and their GT's words
+    seen = []
+
+    def own(lg, tg):
+        seen.append((lg, tg))
+        return lg.new_tensor(6.0)
+
+    crit.use_word_loss(own)
+    assert crit(out, t)["loss_word"].item() == pytest.approx(0.5 * 6.0 / 3)
+    lg, tg = seen[0]
+    assert torch.equal(lg, pred_words[0, q]) and torch.equal(tg, words[labels[g]])
+    with pytest.raises(TypeError, match="callable"):
+        crit.use_word_loss("bce")
+
+
+def test_the_meta_architecture_trains_with_its_word_heads_loss():
+    """A tree-softmax word head's own loss is the criterion's ``loss_word``."""
+    head = NameWordHead(TREE_CATS, embed_dim=64, tree_softmax=True)
+    model = tiny_dino(len(TREE_CATS), embed_dim=64, width=32, word_head=head)
+    assert model.criterion.word_loss == head.loss
+    plain = tiny_dino(3, embed_dim=64, width=32, word_head=NameWordHead(NAMES, 64))
+    assert plain.criterion.word_loss == plain.word_head.loss
 
 
 def _keys(num_layers, word):

@@ -73,9 +73,8 @@ class SetCriterion(nn.Module):
             (:class:`~cqdino.modeling.dino.word_head.NameWordHead`): binary cross-entropy of a
             matched query's word logits (``pred_words``) against the words of its GT's name
             (``targets[i]["words"]``), summed over words and normalised like the other terms
-            (or the word head's own loss, ``targets[0]["word_loss"]``: ``(logits [N, W],
-            targets [N, W]) -> summed loss``, e.g. its tree softmax). Computed only for
-            prediction sets that carry ``pred_words``.
+            (or the word head's own loss, given with :meth:`use_word_loss`, e.g. its tree
+            softmax). Computed only for prediction sets that carry ``pred_words``.
     """
 
     def __init__(
@@ -103,7 +102,16 @@ class SetCriterion(nn.Module):
             "loss_word": loss_word_weight,
         }
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.word_loss: Callable[[Tensor, Tensor], Tensor] = _binary_cross_entropy_sum
         self._observers: List[Callable[..., None]] = []
+
+    def use_word_loss(self, fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+        """``loss_word`` becomes ``fn(logits [N, W], targets [N, W]) -> summed loss`` (the word
+        head's own, e.g. :meth:`~cqdino.modeling.dino.word_head.NameWordHead.loss`) instead of
+        the summed binary cross-entropy."""
+        if not callable(fn):
+            raise TypeError(f"the word loss must be callable, got {type(fn).__name__}")
+        self.word_loss = fn
 
     @contextmanager
     def observe(self, fn: Callable[..., None]) -> Iterator[None]:
@@ -177,10 +185,7 @@ class SetCriterion(nn.Module):
         if pred_words is not None:
             words = torch.cat([t["words"][g.to(device)] for t, (_, g) in zip(targets, indices)])
             matched = pred_words[batch_idx, query_idx]
-            word_loss = targets[0].get("word_loss") if targets else None
-            if word_loss is None:
-                word_loss = _binary_cross_entropy_sum
-            losses["loss_word"] = word_loss(matched, words) / num_boxes
+            losses["loss_word"] = self.word_loss(matched, words) / num_boxes
         return losses
 
     def _weighted(self, losses: Dict[str, Tensor], suffix: str) -> Dict[str, Tensor]:

@@ -121,6 +121,8 @@ class DINO(nn.Module):
                 "(set model.word_head, or word_score_weight=0)"
             )
         self.word_head = word_head
+        if word_head is not None and hasattr(word_head, "loss"):
+            criterion.use_word_loss(word_head.loss)
         self.word_score_weight = float(word_score_weight)
         embed_dim = transformer.embed_dim
         self.dn_generator = (
@@ -331,7 +333,6 @@ class DINO(nn.Module):
         if self.word_head is not None:
             for t in targets:
                 t["words"] = self.word_head.targets(t["classes"])
-                t["word_loss"] = self.word_head.loss
             for h, out, dn_out in zip(hidden, layers, dn_layers):
                 words = self.word_head(h)
                 out["pred_words"], dn_out["pred_words"] = words[:, num_dn:], words[:, :num_dn]
