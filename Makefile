@@ -7,6 +7,10 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 PY_SRC := $(wildcard cqdino configs projects tests tools benchmarks)
 PYTEST_ARGS ?=
+# pytest-xdist workers (one per core of the 2-core CI machine; each test file stays on one
+# worker, so module fixtures are built once). PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: install test test-fast test-cuda lint format demo clean
 
@@ -41,10 +45,10 @@ format: $(VENV)/.deps-stamp
 
 # Every test but the GPU ones (slow ones included).
 test: install lint
-	$(BIN)/python -m pytest -m "not cuda" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not cuda" $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not cuda and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not cuda and not slow" $(XDIST) $(PYTEST_ARGS)
 
 test-cuda: install
 	$(BIN)/python -m pytest -m cuda $(PYTEST_ARGS)

@@ -180,8 +180,8 @@ def test_demo_derived_config_names_from_a_lazily_registered_json(shared_data, tm
         model = instantiate(cfg.model)
         assert model.word_head is not None
         assert model.class_head.category_queries.name_encoder is not None  # compositional
-        names = instantiate(cfg.model.class_head.category_names)
-        assert names == ["person", "animal"]  # the json's categories in id order
+        words = instantiate(cfg.model.class_head.category_names)
+        assert words == [["person"], ["animal"]]  # the json's names' words, in id order
         with pytest.raises(InputError, match="class_agnostic=True: dataset 'my_val'"):
             check_evaluator_config(cfg)
     finally:
