@@ -3,12 +3,14 @@
 from .ms_deform_attn import (
     MultiScaleDeformableAttention,
     ms_deform_attn,
+    ms_deform_attn_flops,
     ms_deform_attn_reference,
 )
 
 __all__ = [
     "MultiScaleDeformableAttention",
     "ms_deform_attn",
+    "ms_deform_attn_flops",
     "ms_deform_attn_reference",
 ]
 from .contrastive_logits import contrastive_logits, contrastive_logits_reference  # noqa: E402

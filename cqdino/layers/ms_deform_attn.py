@@ -200,6 +200,26 @@ def ms_deform_attn(
     )
 
 
+def ms_deform_attn_flops(value_shape, sampling_locations_shape) -> int:
+    """Floating-point operations of one forward (a multiply-add counts 2, as
+    ``torch.utils.flop_counter`` counts matmuls): for each batch entry, query, head, level and
+    point, a bilinear sample of the head's ``Dh`` channels (4 corner multiply-adds per
+    channel) weighted by its attention weight (1 more): ``10 * B * Q * H * L * P * Dh``.
+
+    Args:
+        value_shape: ``(B, S, H, Dh)``.
+        sampling_locations_shape: ``(B, Q, H, L, P, 2)``.
+    """
+    B, _, H, Dh = value_shape
+    b, Q, h, L, P, two = sampling_locations_shape
+    if (b, h, two) != (B, H, 2):
+        raise ValueError(
+            f"value {tuple(value_shape)} and sampling locations "
+            f"{tuple(sampling_locations_shape)} do not match (B, H, 2)"
+        )
+    return 10 * B * Q * H * L * P * Dh
+
+
 if _ext.has_ext():
 
     @torch.library.register_fake("cqdino::ms_deform_attn_forward")
@@ -252,6 +272,13 @@ if _ext.has_ext():
     torch.library.register_autograd(
         "cqdino::ms_deform_attn_forward", _backward, setup_context=_setup_context
     )
+
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.cqdino.ms_deform_attn_forward)
+    def _forward_flops(value, shapes, starts, locations, weights, *args, out_shape=None, **kw):
+        # torch.utils.flop_counter.FlopCounterMode counts the compiled op too
+        return ms_deform_attn_flops(value, locations)
 
 
 class MultiScaleDeformableAttention(nn.Module):

@@ -469,3 +469,33 @@ def test_cuda_nonfinite_locations_match_reference_and_check():
         torch.testing.assert_close(a.cpu(), b)
     with pytest.raises(ValueError, match="4 non-finite values"):
         ms_deform_attn(*(t.cuda() for t in (value, shapes, starts, loc, attn)), check_finite=True)
+
+
+@pytest.mark.skipif(not _ext.has_ext(), reason="the compiled op is what the formula counts")
+def test_flop_counter_counts_the_op_and_the_module_by_hand():
+    """torch's FlopCounterMode counts the compiled op as 10 * B*Q*H*L*P*Dh (4 bilinear corner
+    multiply-adds and the attention weight's, per channel) and the module as that plus its four
+    linear layers (2 * rows * in * out each); counts written out by hand."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cqdino.layers import ms_deform_attn_flops
+
+    levels = [(6, 7), (3, 5)]  # 42 + 15 = 57 keys
+    value, shapes, starts, loc, attn = random_problem(
+        levels, batch=2, queries=3, heads=2, head_dim=4, points=3, spread=0.3
+    )
+    with FlopCounterMode(display=False) as fc:
+        ms_deform_attn(value, shapes, starts, loc, attn)
+    assert fc.get_total_flops() == 10 * 2 * 3 * 2 * 2 * 3 * 4 == 2880
+    assert ms_deform_attn_flops(value.shape, loc.shape) == 2880
+    with pytest.raises(ValueError, match="do not match"):
+        ms_deform_attn_flops((2, 57, 3, 4), loc.shape)
+
+    m = MultiScaleDeformableAttention(embed_dim=16, num_heads=2, num_levels=2, num_points=3)
+    query, keys = torch.rand(2, 5, 16), torch.rand(2, 57, 16)
+    ref = torch.rand(2, 5, 2, 2)
+    with FlopCounterMode(display=False) as fc:
+        m(query, value=keys, reference_points=ref, spatial_shapes=shapes, level_start_index=starts)
+    linear = 2 * 2 * 57 * 16 * 16  # value_proj over the keys
+    linear += 2 * 2 * 5 * 16 * (2 * 2 * 3 * 2 + 2 * 2 * 3 + 16)  # offsets, weights, output
+    assert fc.get_total_flops() == linear + 10 * 2 * 5 * 2 * 2 * 3 * 8
