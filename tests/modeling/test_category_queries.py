@@ -222,6 +222,35 @@ def test_category_queries_random_init_and_relations():
         torch.testing.assert_close(out.mean(-1), torch.zeros(C), atol=1e-5, rtol=0)
 
 
+def _fresh(q: CategoryQueries) -> torch.Tensor:
+    """The queries recomputed from the module's current weights (no cache), by hand:
+    ``LayerNorm(relation(relu(proj(E))))``."""
+    with torch.no_grad():
+        e = q.embeddings if q.name_encoder is None else q.name_encoder()
+        return q.norm(q.relation(F.relu(q.proj(e))))
+
+
+def test_category_queries_kept_in_inference_until_a_weight_changes():
+    q = CategoryQueries(6, 8, relation=TreeAggregation([[1, 2], [], [], [4], [], []])).eval()
+    with torch.no_grad():
+        first = q()
+        assert q() is first  # image-independent: kept between inference calls
+        torch.testing.assert_close(first, _fresh(q), rtol=0, atol=0)
+        q.proj.weight.add_(0.5)  # an in-place update (an optimiser step, a weight swap)
+        second = q()
+        assert second is not first and not torch.equal(second, first)
+        torch.testing.assert_close(second, _fresh(q), rtol=0, atol=0)
+        q.load_state_dict({k: v + 1 for k, v in q.state_dict().items()})
+        torch.testing.assert_close(q(), _fresh(q), rtol=0, atol=0)
+        q.proj.weight = torch.nn.Parameter(torch.randn(8, 8))  # a new storage
+        torch.testing.assert_close(q(), _fresh(q), rtol=0, atol=0)
+        q.train()  # training mode recomputes
+        assert q() is not q()
+    q.eval()
+    out = q()  # grad enabled: a graph to the parameters, never a kept tensor
+    assert out.requires_grad and q() is not out
+
+
 def test_category_queries_relation_size_mismatch():
     with pytest.raises(ValueError, match="C=3"):
         CategoryQueries(4, 8, relation=TreeAggregation([[1], [], []]))
@@ -426,6 +455,39 @@ def test_selector_matches_reference_and_topk():
     # chunking does not change the result
     sel.chunk_size = C
     torch.testing.assert_close(sel(queries, feats).scores, out.scores)
+
+
+def test_selector_score_projections_kept_in_inference_only_for_the_same_queries():
+    """The dense+bilinear scores in inference: projections of the queries kept between calls
+    with the same queries tensor and weights; against the scores written out with fresh
+    projections after every change (new queries, an in-place weight update, training)."""
+    torch.manual_seed(0)
+    C = 11
+    sel = _small_selector(score_form="dense+bilinear", num_categories=C).double().eval()
+    feats = torch.randn(2, 6, 3, 5, dtype=torch.float64)
+
+    def by_hand(queries):
+        enc = _reference_encode(sel, queries, feats)
+        w = queries @ sel.score_query.weight.T
+        s = sel.category_bias + (sel.score_norm(enc) * w).sum(-1) / math.sqrt(16)
+        memory = sel.image_tokens(feats)[0][:, 1:]
+        d = sel.dense_norm(memory) @ (queries @ sel.dense_query.weight.T).T / math.sqrt(12)
+        return s + d.amax(1)
+
+    with torch.no_grad():
+        queries = torch.randn(C, 16, dtype=torch.float64)
+        first = sel(queries, feats).scores
+        torch.testing.assert_close(first, by_hand(queries))
+        torch.testing.assert_close(sel(queries, feats).scores, first, rtol=0, atol=0)
+        other = torch.randn(C, 16, dtype=torch.float64)
+        torch.testing.assert_close(sel(other, feats).scores, by_hand(other))
+        sel.score_query.weight.mul_(2.0)
+        sel.dense_query.weight.mul_(-1.0)
+        torch.testing.assert_close(sel(other, feats).scores, by_hand(other))
+        other.add_(0.25)  # the same tensor changed in place
+        torch.testing.assert_close(sel(other, feats).scores, by_hand(other))
+    sel.train()
+    torch.testing.assert_close(sel(other, feats).scores, by_hand(other).detach())
 
 
 def test_selector_query_skip_adds_the_projected_query():

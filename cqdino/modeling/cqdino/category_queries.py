@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from cqdino.utils.text import name_words, word_vocabulary
 
+from .inference_cache import InferenceCache
+
 __all__ = [
     "BagOfWordsEncoder",
     "CategorySelfAttention",
@@ -215,9 +217,18 @@ class CategoryQueries(nn.Module):
             )
         self.relation = relation
         self.norm = nn.LayerNorm(embed_dim)
+        self._cache = InferenceCache()
 
     def forward(self) -> Tensor:
-        """Returns the refined category queries ``[C, embed_dim]``."""
+        """Returns the refined category queries ``[C, embed_dim]``.
+
+        They do not depend on the image: in inference (eval mode, no grad, eager) the result
+        is kept and returned again while no parameter or buffer of the module has changed
+        (same storage, same in-place version), so a forward at C = 13,204 does not rebuild
+        them per image. Training, autograd, tracing and export always recompute."""
+        return self._cache.get("queries", self, (), self._compute)
+
+    def _compute(self) -> Tensor:
         e = self.embeddings if self.name_encoder is None else self.name_encoder()
         x = F.relu(self.proj(e))
         if self.relation is not None:

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from cqdino.layers.topk_gather import topk_category_gather
 
 from .fusion import MultiheadCrossAttention
+from .inference_cache import InferenceCache
 
 __all__ = ["CategorySelector", "SelectorOutput", "SCORE_FORMS"]
 
@@ -172,6 +173,8 @@ class CategorySelector(nn.Module):
             self.category_bias = nn.Parameter(_prior_logits(num_categories, prior))
         self.out_proj = nn.Linear(query_dim, out_dim)
         self.query_proj = nn.Linear(query_dim, out_dim) if query_skip else None
+        # the score forms' projections of the category queries: the same for every image
+        self._cache = InferenceCache()
 
     def image_tokens(
         self, features: Tensor, padding_mask: Optional[Tensor] = None
@@ -248,13 +251,17 @@ class CategorySelector(nn.Module):
             return self.score(encoded).squeeze(-1), None
         scores = self.category_bias.to(encoded.dtype).expand(encoded.shape[0], -1)
         if self.score_query is not None:
-            w = self.score_query(queries)  # (C, D)
+            w = self._cache.get(
+                "score", self.score_query, (queries,), lambda: self.score_query(queries)
+            )  # (C, D)
             bil = torch.einsum("bcd,cd->bc", self.score_norm(encoded), w)
             scores = scores + bil / math.sqrt(w.shape[-1])
         if self.dense_query is not None:
             memory, valid = self.image_tokens(features, padding_mask)  # (B, 1 + N, M)
             m = self.dense_norm(memory[:, 1:])  # (B, N, M), the pooled token left out
-            w = self.dense_query(queries)  # (C, M)
+            w = self._cache.get(
+                "dense", self.dense_query, (queries,), lambda: self.dense_query(queries)
+            )  # (C, M)
             sim = torch.einsum("bnm,cm->bcn", m, w) / math.sqrt(w.shape[-1])  # (B, C, N)
             if valid is not None:
                 pooled = sim.masked_fill(~valid[:, None, 1:], float("-inf")).amax(-1)
