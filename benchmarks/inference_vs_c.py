@@ -21,7 +21,6 @@ processes hits all of them alike; the figure is the median CPU time of the proce
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,16 +40,6 @@ VARIANTS = {  # name -> (config, extra overrides)
 }
 
 
-def generate(root: Path, num_categories: int) -> None:
-    out = root / "synthetic_vocab"
-    if (out / "meta.json").is_file():
-        return
-    cmd = [sys.executable, "-m", "cqdino.data.synthetic", "--out", str(out), "--workers", "1"]
-    cmd += [f"--num-categories={num_categories}", "--num-train-images=40"]
-    cmd += ["--num-val-images=8"]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-
-
 def build(config: str, num_categories: int, extra: List[str]):
     from detectron2.config import LazyConfig, instantiate
 
@@ -64,9 +53,11 @@ def build(config: str, num_categories: int, extra: List[str]):
 
 def measure(num_categories: int, work_dir: Path, images: int, repeats: int) -> Dict[str, float]:
     from cqdino.data import register_synthetic_vocab
+    from cqdino.data.synthetic import ensure_generated
 
     root = work_dir / f"c{num_categories}"
-    generate(root, num_categories)
+    sizes = dict(num_train_images=40, num_val_images=8)
+    ensure_generated(str(root / "synthetic_vocab"), num_categories=num_categories, **sizes)
     os.environ["DETECTRON2_DATASETS"] = str(root)
     register_synthetic_vocab(str(root))
     models = {name: build(cfg, num_categories, extra) for name, (cfg, extra) in VARIANTS.items()}
