@@ -69,6 +69,9 @@ V3DET_HEAD = dict(topk=100, relation="tree", selection_loss="asl", ancestor_mask
 COCO_HEAD = dict(topk=30, relation="self_attn", selection_loss="bce", tree_file=None)
 V3DET_24EP = dict(epochs=24, milestone_epochs=(12, 18), batch=16)  # steps at epochs 12 and 18
 COCO_12EP = dict(epochs=12, milestone_epochs=(11,), batch=16)  # step at epoch 11
+# 1.9 epochs at batch 8 (the demo's time budget); one step at 0.9 of the run; the word loss
+DEMO_BUDGET = dict(epochs=1.9, milestone_epochs=(1.71,), batch=8, word_loss=True)
+DEMO_HEAD = dict(topk=100, relation="tree", selection_loss="asl", force_gt=True)
 RECIPES = {
     "v3det": Recipe("v3det", "CQDINO", "R50", head=V3DET_HEAD, **V3DET_24EP),
     "v3det_swinb": Recipe("v3det", "CQDINO", "swin_b", head=V3DET_HEAD, **V3DET_24EP),
@@ -85,38 +88,11 @@ RECIPES = {
     "coco": Recipe("coco", "CQDINO", "R50", head=COCO_HEAD, **COCO_12EP),
     "coco_swinl": Recipe("coco", "CQDINO", "swin_l", head=COCO_HEAD, **COCO_12EP),
     "dino_coco": Recipe("coco", "DINO", "R50", **COCO_12EP),
-    # 1.9 epochs at batch 8 (the demo's time budget); one step at 0.9 of the run
-    "demo": Recipe(
-        "synthetic",
-        "CQDINO",
-        "R18",
-        epochs=1.9,
-        milestone_epochs=(1.71,),
-        batch=8,
-        head=dict(topk=100, relation="tree", selection_loss="asl", force_gt=True),
-        word_loss=True,
-    ),
+    "demo": Recipe("synthetic", "CQDINO", "R18", head=DEMO_HEAD, **DEMO_BUDGET),
     # the DINO baseline at the demo's size (demo.py with the linear head)
-    "demo_dino": Recipe(
-        "synthetic",
-        "DINO",
-        "R18",
-        epochs=1.9,
-        milestone_epochs=(1.71,),
-        batch=8,
-        word_loss=True,
-    ),
+    "demo_dino": Recipe("synthetic", "DINO", "R18", **DEMO_BUDGET),
     # the demo on opaque names: the same recipe, the tree's words instead of the names'
-    "demo_opaque": Recipe(
-        "synthetic_opaque",
-        "CQDINO",
-        "R18",
-        epochs=1.9,
-        milestone_epochs=(1.71,),
-        batch=8,
-        head=dict(topk=100, relation="tree", selection_loss="asl", force_gt=True),
-        word_loss=True,
-    ),
+    "demo_opaque": Recipe("synthetic_opaque", "CQDINO", "R18", head=DEMO_HEAD, **DEMO_BUDGET),
 }
 LIGHT = {"demo", "demo_dino", "demo_opaque"}  # the others: full-width R50/Swin, 13,204 categories
 
