@@ -16,6 +16,11 @@
    detections drawn (``vis/``), and prints where everything is.
 
     python tools/run_demo.py [--num-gpus N] [--skip-train] [--skip-rendering] [key=value ...]
+    python tools/run_demo.py --config-file configs/demo_opaque.py   # the same on opaque names
+
+``--config-file`` takes a demo config whose training set is one of the synthetic folders
+(``synthetic_vocab``, or ``synthetic_vocab_opaque``: the same data with opaque names); the run
+goes to ``output/<config name>``. The second rendering exists for ``synthetic_vocab`` only.
 """
 
 import argparse
@@ -28,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.py"
+# the synthetic folders a demo config may train on, and their name style
+FOLDERS = {"synthetic_vocab": "descriptive", "synthetic_vocab_opaque": "opaque"}
 TABLE_KEYS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "AP-agnostic", "AP50-agnostic")
 RENDERING = "synthetic_vocab_val_img1"
 
@@ -36,17 +43,34 @@ def _datasets_root() -> Path:
     return Path(os.environ.get("DETECTRON2_DATASETS", "datasets")).expanduser()
 
 
-def generate_data() -> float:
+def config_folder(config: Path) -> str:
+    """The synthetic folder (a key of :data:`FOLDERS`) that ``config`` trains on."""
+    from detectron2.config import LazyConfig
+
+    names = LazyConfig.load(str(config)).dataloader.train.dataset.names
+    folder = names[: -len("_train")] if isinstance(names, str) else None
+    if folder not in FOLDERS:
+        raise SystemExit(
+            f"--config-file {config}: trains on {names!r}; the demo runs configs whose training "
+            f"set is one of {[f + '_train' for f in FOLDERS]}"
+        )
+    return folder
+
+
+def generate_data(folder: str = "synthetic_vocab") -> float:
     from cqdino.data.synthetic import read_meta
 
-    out = _datasets_root() / "synthetic_vocab"
+    out = _datasets_root() / folder
     if (out / "meta.json").is_file():
-        read_meta(str(out))  # one clear error for a folder of another format
+        meta = read_meta(str(out))  # one clear error for a folder of another format
+        if meta["names"] != FOLDERS[folder]:
+            raise SystemExit(f"{out} holds {meta['names']} names, {folder} needs {FOLDERS[folder]}")
         print(f"[demo] data: {out} (exists)")
         return 0.0
     t0 = time.perf_counter()
     print(f"[demo] generating the synthetic vocabulary into {out} ...", flush=True)
-    subprocess.run([sys.executable, "-m", "cqdino.data.synthetic", "--out", str(out)], check=True)
+    cmd = [sys.executable, "-m", "cqdino.data.synthetic", "--out", str(out)]
+    subprocess.run(cmd + ["--names", FOLDERS[folder]], check=True)
     return time.perf_counter() - t0
 
 
@@ -88,7 +112,7 @@ def plot_curves(train: dict, evals: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def diagnostics(output_dir: Path) -> str:
+def diagnostics(output_dir: Path, folder: str = "synthetic_vocab") -> str:
     """Attribute accuracy of the final evaluation's detections and the training data's boxes
     per category, as text."""
     from cqdino.data.synthetic import category_attributes, read_meta
@@ -99,7 +123,7 @@ def diagnostics(output_dir: Path) -> str:
         selector_baselines,
     )
 
-    data = _datasets_root() / "synthetic_vocab"
+    data = _datasets_root() / folder
     meta = read_meta(str(data))
     lines = []
     preds = output_dir / "inference" / "v3det_predictions.npz"
@@ -142,7 +166,9 @@ def diagnostics(output_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def evaluate_rendering(output_dir: Path, overrides, num_processes: int) -> dict:
+def evaluate_rendering(
+    output_dir: Path, overrides, num_processes: int, config: Path = CONFIG
+) -> dict:
     """AP of the trained model on the val split rendered with another image seed.
 
     Run as the training is (``projects/train_net.py --eval-only`` in ``num_processes``
@@ -150,7 +176,7 @@ def evaluate_rendering(output_dir: Path, overrides, num_processes: int) -> dict:
     one process, whose two OpenMP threads gain little on these small tensors. The results are
     read from the evaluator's ``results.json``; an empty dict if the evaluation failed."""
     folder = output_dir / f"inference_{RENDERING}"
-    cmd = [sys.executable, str(ROOT / "projects" / "train_net.py"), "--config-file", str(CONFIG)]
+    cmd = [sys.executable, str(ROOT / "projects" / "train_net.py"), "--config-file", str(config)]
     cmd += ["--num-gpus", str(num_processes), "--eval-only", *overrides]
     cmd += [
         f"dataloader.test.dataset.names={RENDERING}",
@@ -166,17 +192,23 @@ def evaluate_rendering(output_dir: Path, overrides, num_processes: int) -> dict:
     return {f"bbox/{k}": v for k, v in results["bbox"].items()}
 
 
-def draw_examples(output_dir: Path, overrides, count: int = 6) -> Path:
+def draw_examples(
+    output_dir: Path,
+    overrides,
+    count: int = 6,
+    config: Path = CONFIG,
+    folder: str = "synthetic_vocab",
+) -> Path:
     sys.path.insert(0, str(ROOT / "projects"))
     import demo as inference_tool  # projects/demo.py
 
-    val = _datasets_root() / "synthetic_vocab" / "images" / "val"
+    val = _datasets_root() / folder / "images" / "val"
     images = sorted(val.glob("*.jpg"))[:count]
     vis = output_dir / "vis"
     inference_tool.main(
         [
             "--config-file",
-            str(CONFIG),
+            str(config),
             "--input",
             *map(str, images),
             "--output",
@@ -200,6 +232,12 @@ def main(argv=None) -> int:
         default=None,
         help="processes: the visible GPUs, or without CUDA min(2, CPU cores) CPU processes",
     )
+    ap.add_argument(
+        "--config-file",
+        type=Path,
+        default=CONFIG,
+        help="a demo config (default configs/demo.py; configs/demo_opaque.py: opaque names)",
+    )
     ap.add_argument("--skip-train", action="store_true", help="report on an existing run")
     ap.add_argument(
         "--skip-rendering",
@@ -210,7 +248,7 @@ def main(argv=None) -> int:
         "--overwrite",
         action="store_true",
         help="replace a previous run in a train.output_dir given as an override (the default "
-        "output/demo is always replaced)",
+        "output/<config name> is always replaced)",
     )
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
     args = ap.parse_args(argv)
@@ -219,7 +257,11 @@ def main(argv=None) -> int:
 
         n = torch.cuda.device_count()
         args.num_gpus = n if n > 0 else min(2, os.cpu_count() or 1)
-    default_output = output_dir = ROOT / "output" / "demo"
+    config = args.config_file.resolve()
+    if not config.is_file():
+        raise SystemExit(f"--config-file {args.config_file}: no such file")
+    folder = config_folder(config)
+    default_output = output_dir = ROOT / "output" / config.stem
     overrides = list(args.opts)
     for o in overrides:
         if o.startswith("train.output_dir="):
@@ -228,10 +270,10 @@ def main(argv=None) -> int:
     overrides.append(f"train.output_dir={output_dir}")
 
     t0 = time.perf_counter()
-    gen_time = generate_data()
+    gen_time = generate_data(folder)
     if not args.skip_train:
         cmd = [sys.executable, str(ROOT / "projects" / "train_net.py"), "--config-file"]
-        cmd += [str(CONFIG), "--num-gpus", str(args.num_gpus)]
+        cmd += [str(config), "--num-gpus", str(args.num_gpus)]
         if output_dir == default_output or args.overwrite:
             cmd.append("--overwrite")  # the demo's own folder: a new `make demo` replaces it
         cmd += overrides
@@ -249,25 +291,29 @@ def main(argv=None) -> int:
         print(f"[demo] no evaluation found in {output_dir / 'metrics.json'}")
         return 1
     last = evals[max(evals)]
+    if folder != "synthetic_vocab" and not args.skip_rendering:
+        print(f"[demo] no second rendering of {folder}: skipped")
     other = (
-        None if args.skip_rendering else evaluate_rendering(output_dir, overrides, args.num_gpus)
+        None
+        if args.skip_rendering or folder != "synthetic_vocab"
+        else evaluate_rendering(output_dir, overrides, args.num_gpus, config)
     )
     curves = output_dir / "curves.png"
     plot_curves(train, evals, curves)
-    vis = draw_examples(output_dir, overrides)
+    vis = draw_examples(output_dir, overrides, config=config, folder=folder)
     total = time.perf_counter() - t0
     print()
     print(
-        "[demo] synthetic_vocab_val, V3Det-style AP (%) at 300 detections/image after "
+        f"[demo] {folder}_val, V3Det-style AP (%) at 300 detections/image after "
         f"{max(train) + 1 if train else '?'} training iterations:"
     )
     print(ap_table(last))
-    print(diagnostics(output_dir))
+    print(diagnostics(output_dir, folder))
     if other:
         ratio = other["bbox/AP"] / last["bbox/AP"] if last.get("bbox/AP") else float("nan")
         print(f"[demo] the same model on {RENDERING} (another image seed), AP (%):")
         print(ap_table(other))
-        print(f"[demo] AP on {RENDERING} / AP on synthetic_vocab_val = {ratio:.2f}")
+        print(f"[demo] AP on {RENDERING} / AP on {folder}_val = {ratio:.2f}")
     print()
     print(
         f"[demo] wall time: {total / 60:.1f} min (data {gen_time:.0f} s, training + "
@@ -279,7 +325,7 @@ def main(argv=None) -> int:
     print(f"[demo] detections:   {vis}/ (drawn images, detections.json)")
     print(f"[demo] checkpoint:   {output_dir / 'model_final.pth'}")
     print(
-        f"[demo] inference:    python projects/demo.py --config-file configs/demo.py "
+        f"[demo] inference:    python projects/demo.py --config-file {config} "
         f"--input <images> --output out/ train.init_checkpoint={output_dir / 'model_final.pth'}"
     )
     return 0

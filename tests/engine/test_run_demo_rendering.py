@@ -45,3 +45,31 @@ def test_rendering_eval_command_and_results(monkeypatch, tmp_path):
         run_demo.subprocess, "run", lambda cmd, cwd=None: subprocess.CompletedProcess(cmd, 1)
     )
     assert run_demo.evaluate_rendering(tmp_path, [], 2) == {}
+
+
+def test_config_file_names_the_synthetic_folder_and_its_name_style(monkeypatch, tmp_path):
+    """--config-file: demo.py trains on synthetic_vocab, demo_opaque.py on
+    synthetic_vocab_opaque (generated with --names opaque); a config on other data, or an
+    existing folder of the other name style, is one clear error before any work."""
+    import pytest
+
+    run_demo = _load_run_demo()
+    assert run_demo.config_folder(ROOT / "configs" / "demo.py") == "synthetic_vocab"
+    assert run_demo.config_folder(ROOT / "configs" / "demo_opaque.py") == "synthetic_vocab_opaque"
+    with pytest.raises(SystemExit, match=r"coco\.py: trains on 'coco_2017_train'"):
+        run_demo.config_folder(ROOT / "configs" / "coco.py")
+
+    calls = []
+    monkeypatch.setattr(run_demo.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    run_demo.generate_data("synthetic_vocab_opaque")
+    (cmd,) = calls
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path / "synthetic_vocab_opaque")
+    assert cmd[cmd.index("--names") + 1] == "opaque"
+    # an existing folder of the other style
+    from cqdino.data import synthetic
+
+    tiny = ["--num-categories", "20", "--num-train-images", "2", "--num-val-images", "1"]
+    synthetic.main(["--out", str(tmp_path / "synthetic_vocab_opaque")] + tiny)
+    with pytest.raises(SystemExit, match="holds descriptive names, synthetic_vocab_opaque needs"):
+        run_demo.generate_data("synthetic_vocab_opaque")
