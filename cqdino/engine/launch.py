@@ -21,6 +21,7 @@ forming of the group itself, waits at most ``timeout`` (``--dist-timeout`` /
 ``$CQDINO_DIST_TIMEOUT``): a node that dies or hangs stops the others with one line saying so.
 """
 
+import atexit
 import logging
 import os
 import re
@@ -386,6 +387,10 @@ def _worker(
         main_func(*args)
     except Exception as e:
         if world_size > 1 and _is_peer_failure(e):
+            # the process group is not torn down (a dead peer can hang that); at exit its
+            # communication threads may still run, and the C++ runtime then aborts the process
+            # (SIGABRT) after the error was printed: end with status 1 instead
+            atexit.register(_exit_without_teardown, 1)
             raise LaunchError(
                 f"rank {rank} of {world_size} lost contact with the other processes "
                 f"({_cause(e)}): another node or process stopped or hung (its own log "
@@ -393,6 +398,18 @@ def _worker(
             ) from None
         raise  # the group is left to the exiting process (a dead peer can hang its teardown)
     dist.destroy_process_group()
+
+
+def _exit_without_teardown(code: int) -> None:
+    """End the process now with ``code`` after flushing the logs and standard streams, without
+    the interpreter's teardown of a process group whose peer was lost."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _local_group(node_rank: int, local_rank: int) -> None:
