@@ -45,16 +45,20 @@ PARTS = (
 )
 
 
+def _clock():
+    """CPU time of the process with one thread (unaffected by other jobs), else wall time."""
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def gemm_gflops(size: int, repeats: int) -> float:
     """This process's fp32 matmul rate (GFLOP/s): the median of ``repeats`` square products."""
     a, b = torch.rand(size, size), torch.rand(size, size)
     torch.mm(a, b)  # warm-up
-    times = []
+    clock, times = _clock(), []
     for _ in range(repeats):
-        t0 = time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
+        t0 = clock()
         torch.mm(a, b)
-        t1 = time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
-        times.append(t1 - t0)
+        times.append(clock() - t0)
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
@@ -95,7 +99,7 @@ def count(model, images) -> Dict[str, object]:
 
 def time_forward(model, images, repeats: int) -> float:
     """Median seconds of a forward (CPU time of the process with one thread, else wall)."""
-    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    clock = _clock()
     with torch.no_grad():
         model([{"image": im} for im in images])  # warm-up
         times = []

@@ -43,10 +43,11 @@ VARIANTS = {  # name -> (config, extra overrides)
 def build(config: str, num_categories: int, extra: List[str]):
     from detectron2.config import LazyConfig, instantiate
 
-    head = "num_classes" if "dino" in Path(config).stem else "num_categories"
+    cfg = LazyConfig.load(str(ROOT / config))
+    # the class count of either head: CQ-DINO's num_categories, the linear head's num_classes
+    head = "num_categories" if "num_categories" in cfg.model.class_head else "num_classes"
     over = [f"model.class_head.{head}={num_categories}"]
-    over += [o.format(C=num_categories) for o in extra]
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(str(ROOT / config)), over)
+    cfg = LazyConfig.apply_overrides(cfg, over + [o.format(C=num_categories) for o in extra])
     torch.manual_seed(0)
     return instantiate(cfg.model).eval()
 

@@ -253,10 +253,10 @@ def measure_arc(
     results = inference_on_dataset(
         model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator), False
     )
-    arc = [v for k, v in results.get("bbox", {}).items() if k.startswith("ARC@")]
-    if not arc:
+    arc = _metrics({f"bbox/{k}": v for k, v in results.get("bbox", {}).items()}).get("ARC")
+    if arc is None:
         raise SystemExit(f"{out}: the evaluator reports no ARC (test_topk above topk?)")
-    return float(arc[0])
+    return arc
 
 
 def run_arc(run: Path, root: Path, topk: int) -> float:
