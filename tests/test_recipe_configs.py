@@ -69,8 +69,8 @@ V3DET_HEAD = dict(topk=100, relation="tree", selection_loss="asl", ancestor_mask
 COCO_HEAD = dict(topk=30, relation="self_attn", selection_loss="bce", tree_file=None)
 V3DET_24EP = dict(epochs=24, milestone_epochs=(12, 18), batch=16)  # steps at epochs 12 and 18
 COCO_12EP = dict(epochs=12, milestone_epochs=(11,), batch=16)  # step at epoch 11
-# 1.9 epochs at batch 8 (the demo's time budget); one step at 0.9 of the run; the word loss
-DEMO_BUDGET = dict(epochs=1.9, milestone_epochs=(1.71,), batch=8, word_loss=True)
+# 2.5 epochs at batch 8 (the demo's time budget); one step at 0.9 of the run; the word loss
+DEMO_BUDGET = dict(epochs=2.5, milestone_epochs=(2.25,), batch=8, word_loss=True)
 DEMO_HEAD = dict(topk=100, relation="tree", selection_loss="asl", force_gt=True)
 RECIPES = {
     "v3det": Recipe("v3det", "CQDINO", "R50", head=V3DET_HEAD, **V3DET_24EP),
