@@ -33,12 +33,11 @@ recipe, each measured at the demo budget (docs/evidence.md, "The demo recipe"):
   15 % -> 68-69 % at this budget, two seeds (docs/evidence.md, section 5). Inference goes
   through the top-K, as the recipe's (no ``test_topk``); each lever applies unchanged to
   V3Det;
-* 1,250 iterations (2.5 epochs; 950 before): with two CPU processes the step (~0.38 s on the
-  2-vCPU VM) fits them in the 10 minutes, and through the top-100 AP went from 9.9 / 8.7 to
-  15.7 / 15.5 (seeds 0 / 1, one process per run; ARC@100 68-69 % -> 76-77 %). The extra
-  iterations count before the LR drop: a drop at 0.75 of 950 iterations scores 7.0, at 0.95
-  of 1,250 the same as at 0.9, and an EMA of the weights (decay 0.99) 7.6 against 9.9
-  (docs/evidence.md, section 5, "Iterations");
+* 1,250 iterations (2.5 epochs; 950 before): through the top-100, `make demo` (seed 0, a
+  2-vCPU Intel Xeon VM) AP 8.2 -> 14.5, ARC@100 64.7 -> 72.5 %; one process per run: 15.7 /
+  15.5 (seeds 0 / 1). The extra iterations count before the LR drop: a drop at 0.75 of 950
+  iterations scores 7.0, at 0.95 of 1,250 the same as at 0.9, and an EMA of the weights
+  (decay 0.99) less (docs/evidence.md, section 5, "Iterations");
 * NHWC convolutions and fused AdamW (speed only).
 
 The levers that need the synthetic names (compositional queries, query skip, word head, word
@@ -167,10 +166,10 @@ optimizer.fused = True
 optimizer.params.module_multipliers = {"sampling_offsets": (0.1, 1.0)}
 
 # 2.5 epochs x 4,000 images / 8 per batch = 1,250 iterations, sized for the 10-minute CPU budget
-# of `make demo` (data generation and two evaluations included) on the 2-vCPU VM at ~0.38 s per
-# iteration with two processes (docs/evidence.md, section 5: 950 -> 1,250 iterations moved AP
-# through the top-100 from 9.9 / 8.7 to 15.7 / 15.5, seeds 0 / 1). lr x 0.1 at 0.9 of
-# max_iter, warm-up 50 iterations
+# of `make demo` (data generation and two evaluations included) on a 2-vCPU AMD EPYC VM at
+# 0.38-0.41 s per iteration with two processes; a 2-vCPU Intel Xeon VM's 0.446 s takes 10.6 min
+# (docs/evidence.md, section 5, "Iterations"). lr x 0.1 at 0.9 of max_iter, warm-up 50
+# iterations
 train.epochs = 2.5
 train.images_per_epoch = 4000
 train.max_iter = 1250
