@@ -33,9 +33,9 @@ recipe, each measured at the demo budget (docs/evidence.md, "The demo recipe"):
   15 % -> 68-69 % at this budget, two seeds (docs/evidence.md, section 5). Inference goes
   through the top-K, as the recipe's (no ``test_topk``); each lever applies unchanged to
   V3Det;
-* 1,250 iterations (2.5 epochs; 950 before): through the top-100, `make demo` (seed 0, a
-  2-vCPU Intel Xeon VM) AP 8.2 -> 14.5, ARC@100 64.7 -> 72.5 %; one process per run: 15.7 /
-  15.5 (seeds 0 / 1). The extra iterations count before the LR drop: a drop at 0.75 of 950
+* 1,250 iterations (2.5 epochs; 950 before): through the top-100, `make demo` (seeds 0 / 1,
+  a 2-vCPU Intel Xeon VM) AP 8.2 / 6.2 -> 14.5 / 12.8, ARC@100 65 / 59 -> 73 / 69 %; one
+  process per run: 15.7 / 15.5. The extra iterations count before the LR drop: a drop at 0.75 of 950
   iterations scores 7.0, at 0.95 of 1,250 the same as at 0.9, and an EMA of the weights
   (decay 0.99) less (docs/evidence.md, section 5, "Iterations");
 * NHWC convolutions and fused AdamW (speed only).
