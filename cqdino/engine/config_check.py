@@ -205,7 +205,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise InputError("the config has no `train` group (configs/common/train.py)")
     checks = [
         ("train.max_iter", lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        ("train.eval_period", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: never)"),
+        (
+            "train.eval_period",
+            lambda v: _is_int(v) and v >= 0,
+            "an integer >= 0 (0: only after the last iteration)",
+        ),
         ("train.log_period", lambda v: _is_int(v) and v >= 1, "a positive integer"),
         ("train.checkpointer.period", lambda v: _is_int(v) and v >= 1, "a positive integer"),
         (
